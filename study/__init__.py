@@ -1,0 +1,3 @@
+"""irrep-study: sweeps and ablations of equivariant GNNs over irrep configurations."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""The test-set embeddings artifact: what every trial hands to analysis.
+
+Format "irrep-study/embeddings", version 1: one NumPy ``.npz`` file (no pickled objects) with
+
+| array | shape | meaning |
+|---|---|---|
+| ``meta`` | () str | JSON: format, version, target name, ``layout`` (see ``IrrepsLayout.to_dict``), block names |
+| ``mol_id`` | [N] int64 | QM9 molecule index |
+| ``dataset_index`` | [N] int64 | position in the processed dataset |
+| ``smiles`` | [N] str | SMILES of the molecule |
+| ``target`` | [N] float64 | true target, in the target's unit (eV for energies) |
+| ``prediction`` | [N] float64 | the model's prediction, same unit |
+| ``graph`` | [N, D] float32 | sum over atoms of the last block's node features (the paper's graph embedding) |
+| ``graph_per_block`` | [B, N, D] float32 | the same sum after each block: input block, then the residual blocks |
+
+Slice any ``D`` axis per order with the layout: block l spans (2l+1) x multiplicity dims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.loader import DataLoader
+
+from study.errors import UserError
+from study.irreps import IrrepsLayout
+
+FORMAT_NAME = "irrep-study/embeddings"
+FORMAT_VERSION = 1
+
+
+class EmbeddingsFormatError(UserError):
+    """An embeddings file that is not ours, or of a version this code cannot read."""
+
+
+@dataclass
+class TestEmbeddings:
+    mol_id: np.ndarray
+    dataset_index: np.ndarray
+    smiles: np.ndarray
+    target: np.ndarray
+    prediction: np.ndarray
+    graph: np.ndarray
+    graph_per_block: np.ndarray
+    layout: IrrepsLayout
+    target_name: str
+
+    @property
+    def block_names(self) -> list[str]:
+        return ["input"] + [f"block_{k}" for k in range(1, self.graph_per_block.shape[0])]
+
+
+@torch.no_grad()
+def compute_embeddings(model, dataset, target_name: str, target_column: int, mean: float, std: float,
+                       device: torch.device, dtype: torch.dtype, batch_size: int = 128) -> TestEmbeddings:
+    """Graph embeddings of every molecule of `dataset`, after every block, in dataset order."""
+    model.eval()
+    per_block: list[list[np.ndarray]] = []
+    mol_id, index, smiles, target, prediction = [], [], [], [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        batch = batch.to(device)
+        batch.pos = batch.pos.to(dtype)
+        embedding = model.embed(batch)
+        graph_index = batch.batch
+        sums = []
+        for features in embedding.node_features:
+            pooled = torch.zeros(batch.num_graphs, features.shape[-1], dtype=features.dtype, device=features.device)
+            sums.append(pooled.index_add(0, graph_index, features).float().cpu().numpy())
+        per_block.append(sums)
+        mol_id.append(batch.mol_id.cpu().numpy())
+        index.append(batch.idx.cpu().numpy())
+        smiles.extend(batch.smiles)
+        target.append(batch.y[:, target_column].double().cpu().numpy())
+        prediction.append((embedding.prediction.double() * std + mean).cpu().numpy())
+    graph_per_block = np.stack([np.concatenate([b[k] for b in per_block]) for k in range(len(per_block[0]))])
+    return TestEmbeddings(
+        mol_id=np.concatenate(mol_id).astype(np.int64),
+        dataset_index=np.concatenate(index).astype(np.int64),
+        smiles=np.asarray(smiles, dtype=str),
+        target=np.concatenate(target),
+        prediction=np.concatenate(prediction),
+        graph=graph_per_block[-1],
+        graph_per_block=graph_per_block,
+        layout=model.layout,
+        target_name=target_name,
+    )
+
+
+def save_embeddings(embeddings: TestEmbeddings, path: Path) -> None:
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "target": embeddings.target_name,
+        "layout": embeddings.layout.to_dict(),
+        "blocks": embeddings.block_names,
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        meta=np.asarray(json.dumps(meta)),
+        mol_id=embeddings.mol_id,
+        dataset_index=embeddings.dataset_index,
+        smiles=embeddings.smiles,
+        target=embeddings.target,
+        prediction=embeddings.prediction,
+        graph=embeddings.graph,
+        graph_per_block=embeddings.graph_per_block,
+    )
+    os.replace(tmp, path)
+
+
+def load_embeddings(path: Path) -> TestEmbeddings:
+    """Read an embeddings file; EmbeddingsFormatError names the file if it is not a readable version."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise EmbeddingsFormatError(f"{path}: embeddings file not found") from None
+    except Exception as exc:
+        raise EmbeddingsFormatError(f"{path}: not a readable embeddings file ({type(exc).__name__})") from None
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except (KeyError, ValueError):
+        raise EmbeddingsFormatError(f"{path}: no format metadata; not an {FORMAT_NAME} file") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise EmbeddingsFormatError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise EmbeddingsFormatError(
+            f"{path}: embeddings format version {meta.get('version')!r} is not supported (this code reads {FORMAT_VERSION})"
+        )
+    return TestEmbeddings(
+        mol_id=arrays["mol_id"],
+        dataset_index=arrays["dataset_index"],
+        smiles=arrays["smiles"],
+        target=arrays["target"],
+        prediction=arrays["prediction"],
+        graph=arrays["graph"],
+        graph_per_block=arrays["graph_per_block"],
+        layout=IrrepsLayout.from_dict(meta["layout"]),
+        target_name=meta["target"],
+    )

@@ -1,0 +1,166 @@
+"""The reference model of SEED.md (EquiTriton's ``EquiTritonModel`` plus its ``nn.Linear(1, 1)`` head).
+
+Built only from e3nn's own blocks so that every order l, contiguous or not, goes through the same
+well-tested code: ``o3.spherical_harmonics`` for edge directions, ``soft_one_hot_linspace`` for the
+Bessel radial basis, ``FullyConnectedNet`` for the per-edge weights, ``FullyConnectedTensorProduct``
+for the messages and ``o3.Linear`` for the readout.
+
+Reference behaviour kept on purpose (it is the baseline of every comparison):
+- every block recomputes the spherical harmonics and radial basis of the edges (as the reference does);
+- messages are summed, then divided by the constant ``degree_norm``, not by the actual degree;
+- the readout sees only the l = 0 channels (``o3.Linear`` to ``1x0e`` has no other path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from e3nn import o3
+from e3nn.math import soft_one_hot_linspace
+from e3nn.nn import FullyConnectedNet
+from torch import Tensor, nn
+
+from study.irreps import IrrepsLayout, irreps_for, validate_l_values
+
+# sqrt(37): the reference's estimate of the average number of neighbours in QM9.
+REFERENCE_DEGREE_NORM = 6.08275253
+
+
+class InteractionBlock(nn.Module):
+    """One equivariant convolution: ``in_irreps x Y(r_ij) -> hidden_dim x (each l)``, weights from |r_ij|."""
+
+    def __init__(
+        self,
+        in_irreps: str | o3.Irreps,
+        l_values: Sequence[int],
+        edge_dim: int,
+        hidden_dim: int,
+        cutoff: float,
+        degree_norm: float,
+    ) -> None:
+        super().__init__()
+        self.l_values = validate_l_values(l_values)
+        self.in_irreps = o3.Irreps(in_irreps)
+        self.sh_irreps = irreps_for(self.l_values, 1)
+        self.out_irreps = irreps_for(self.l_values, hidden_dim)
+        self.edge_dim = int(edge_dim)
+        self.cutoff = float(cutoff)
+        self.degree_norm = float(degree_norm)
+        # Every allowed path ("uvw"); no shared weights: each edge gets its own from the radial MLP.
+        self.tp = o3.FullyConnectedTensorProduct(self.in_irreps, self.sh_irreps, self.out_irreps, shared_weights=False)
+        self.radial = FullyConnectedNet([self.edge_dim, hidden_dim, self.tp.weight_numel], torch.nn.functional.silu)
+
+    def forward(self, x: Tensor, pos: Tensor, edge_index: Tensor) -> Tensor:
+        src, dst = edge_index[0], edge_index[1]
+        # Source minus destination, as in the reference; the sign matters for odd l.
+        edge_vec = pos[src] - pos[dst]
+        sh = o3.spherical_harmonics(self.sh_irreps, edge_vec, normalize=True, normalization="integral")
+        # The Bessel basis has no normalisation constant; the reference rescales by sqrt(edge_dim).
+        radial = soft_one_hot_linspace(
+            edge_vec.norm(dim=-1), start=0.0, end=self.cutoff, number=self.edge_dim, basis="bessel", cutoff=True
+        ) * self.edge_dim**0.5
+        messages = self.tp(x[src], sh, self.radial(radial))
+        # index_add over all nodes: atoms with no incoming edge (isolated atoms) get exact zeros.
+        out = torch.zeros(x.shape[0], self.out_irreps.dim, dtype=messages.dtype, device=messages.device)
+        out = out.index_add(0, dst, messages)
+        return out / self.degree_norm
+
+
+@dataclass
+class Embedding:
+    """What :meth:`IrrepConvModel.embed` returns; slice any feature with ``layout``."""
+
+    node_features: list[Tensor]  # [n, layout.dim] per block: input block, then each residual block
+    graph: Tensor  # [num_graphs, layout.dim] sum over atoms of the last block's features
+    prediction: Tensor  # [num_graphs] standardized prediction
+    layout: IrrepsLayout
+
+
+class IrrepConvModel(nn.Module):
+    """Atom embedding -> input block -> ``num_layers + 1`` residual blocks -> scalar readout -> sum -> Linear(1, 1)."""
+
+    def __init__(
+        self,
+        l_values: Sequence[int],
+        hidden_dim: int,
+        num_layers: int = 3,
+        atom_dim: int = 64,
+        edge_dim: int = 20,
+        cutoff: float = 6.0,
+        degree_norm: float = REFERENCE_DEGREE_NORM,
+        num_elements: int = 100,
+    ) -> None:
+        super().__init__()
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        self.l_values = validate_l_values(l_values)
+        self.hidden_irreps = irreps_for(self.l_values, hidden_dim)
+        self.layout = IrrepsLayout.from_irreps(self.hidden_irreps)
+        # padding_idx=0: z = 0 is not an element; its row stays zero as in the reference.
+        self.atom_embedding = nn.Embedding(num_elements, atom_dim, padding_idx=0)
+        block_args = dict(
+            l_values=self.l_values, edge_dim=edge_dim, hidden_dim=hidden_dim, cutoff=cutoff, degree_norm=degree_norm
+        )
+        self.input_block = InteractionBlock(f"{atom_dim}x0e", **block_args)
+        self.blocks = nn.ModuleList(InteractionBlock(self.hidden_irreps, **block_args) for _ in range(num_layers + 1))
+        self.readout = o3.Linear(self.hidden_irreps, "1x0e")
+        self.head = nn.Linear(1, 1)
+
+    def forward(self, batch) -> Tensor:
+        """Standardized prediction per graph, shape ``[num_graphs]``."""
+        node_features, graph_index, num_graphs = self._node_features(batch)
+        return self._predict(node_features[-1], graph_index, num_graphs)
+
+    def embed(self, batch) -> Embedding:
+        """Node features of every block, the summed graph embedding and the prediction.
+
+        Not detached: call under ``torch.no_grad()`` for analysis.
+        """
+        node_features, graph_index, num_graphs = self._node_features(batch)
+        return Embedding(
+            node_features=node_features,
+            graph=_sum_per_graph(node_features[-1], graph_index, num_graphs),
+            prediction=self._predict(node_features[-1], graph_index, num_graphs),
+            layout=self.layout,
+        )
+
+    def _node_features(self, batch) -> tuple[list[Tensor], Tensor, int]:
+        """The layer loop shared by forward and embed: per-block node features, graph index, graph count."""
+        pos, edge_index = batch.pos, batch.edge_index
+        graph_index, num_graphs = _graph_index(batch)
+        x = self.input_block(self.atom_embedding(batch.z), pos, edge_index)
+        node_features = [x]
+        for block in self.blocks:
+            # Out of place, so the features already stored for embed() are not modified.
+            x = block(x, pos, edge_index) + x
+            node_features.append(x)
+        return node_features, graph_index, num_graphs
+
+    def _predict(self, x: Tensor, graph_index: Tensor, num_graphs: int) -> Tensor:
+        per_atom = self.readout(x)  # [n, 1]: only the l = 0 channels reach it
+        return self.head(_sum_per_graph(per_atom, graph_index, num_graphs)).squeeze(-1)
+
+
+def _graph_index(batch) -> tuple[Tensor, int]:
+    """The graph of each atom and the number of graphs; a batch without ``batch`` is one graph."""
+    num_atoms = batch.z.shape[0]
+    graph_index = getattr(batch, "batch", None)
+    if graph_index is None:
+        return torch.zeros(num_atoms, dtype=torch.long, device=batch.z.device), 1
+    num_graphs = getattr(batch, "num_graphs", None)
+    if num_graphs is None:
+        num_graphs = int(graph_index.max()) + 1 if num_atoms else 0
+    return graph_index, int(num_graphs)
+
+
+def _sum_per_graph(x: Tensor, graph_index: Tensor, num_graphs: int) -> Tensor:
+    # dim_size from num_graphs, not from the index, so a trailing graph with no atoms still gets a row.
+    out = torch.zeros(num_graphs, x.shape[-1], dtype=x.dtype, device=x.device)
+    return out.index_add(0, graph_index, x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars (includes the all-zero padding row of the atom embedding)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,305 @@
+"""One trial: fit the reference model, evaluate, checkpoint every epoch, report.
+
+A trial is deterministic given its config: the model is initialised from `seed`, and the
+order of each epoch's batches comes from a generator seeded with (`seed`, epoch), so a run
+resumed from a checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch_geometric.loader import DataLoader
+
+from study.config import TrialConfig
+from study.data import QM9Dataset, QM9Tensors, load_qm9, split_indices, target_index
+from study.embeddings import compute_embeddings, save_embeddings
+from study.errors import UserError
+from study.model import IrrepConvModel, count_parameters
+
+CHECKPOINT_FORMAT = 1
+# Evaluation needs no gradients, so larger batches cost little memory and save Python overhead.
+EVAL_BATCH_SIZE = 128
+EMBEDDINGS_FILE = "test_embeddings.npz"
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_mae_meV: float
+
+
+@dataclass
+class TrialResult:
+    status: str  # "completed" or "diverged"
+    epochs_completed: int
+    num_params: int
+    train_seconds: float
+    best_epoch: int | None = None
+    best_val_mae_meV: float | None = None
+    test_mae_meV: float | None = None
+    diverged_epoch: int | None = None
+    reason: str | None = None
+    target_mean: float | None = None
+    target_std: float | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrialData:
+    """The three splits of a trial, ready for loaders, with the target's standardisation."""
+
+    train: QM9Dataset
+    val: QM9Dataset
+    test: QM9Dataset
+    target_column: int
+    target_mean: float
+    target_std: float
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def prepare_data(config: TrialConfig, tensors: QM9Tensors) -> TrialData:
+    """Split (same split for every trial with the same split_seed) and standardise the target."""
+    try:
+        splits = split_indices(
+            len(tensors),
+            seed=config.split_seed,
+            fractions=config.split_fractions,
+            sizes=config.split_sizes,
+            subset=config.subset,
+        )
+    except ValueError as exc:
+        raise UserError(f"split: {exc}") from None
+    for name, indices in splits.items():
+        if len(indices) == 0:
+            raise UserError(f"split: the {name} split is empty; raise subset or the {name} fraction")
+    column = target_index(config.target)
+    if config.target_mean is not None:
+        mean, std = config.target_mean, config.target_std
+    else:
+        train_y = tensors.y[torch.as_tensor(splits["train"]), column]
+        mean, std = float(train_y.mean()), float(train_y.std())
+        if not std > 0:
+            raise UserError("target_std: the training split's target has zero spread; give target_std")
+    datasets = {
+        name: QM9Dataset(tensors, indices, edges=config.edges, cutoff=config.cutoff)
+        for name, indices in splits.items()
+    }
+    return TrialData(datasets["train"], datasets["val"], datasets["test"], column, float(mean), float(std))
+
+
+def build_model(config: TrialConfig) -> IrrepConvModel:
+    return IrrepConvModel(
+        l_values=config.l_values,
+        hidden_dim=config.hidden_dim,
+        num_layers=config.num_layers,
+        atom_dim=config.atom_dim,
+        edge_dim=config.edge_dim,
+        cutoff=config.cutoff,
+        degree_norm=config.degree_norm,
+    )
+
+
+def _to_device(batch, device: torch.device, dtype: torch.dtype):
+    batch = batch.to(device)
+    batch.pos = batch.pos.to(dtype)
+    return batch
+
+
+@torch.no_grad()
+def predict(
+    model: IrrepConvModel, loader: DataLoader, data: TrialData, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and targets in the target's own units (eV for energies), in loader order."""
+    model.eval()
+    predictions, targets = [], []
+    for batch in loader:
+        batch = _to_device(batch, device, dtype)
+        predictions.append(model(batch).double().cpu() * data.target_std + data.target_mean)
+        targets.append(batch.y[:, data.target_column].double().cpu())
+    return torch.cat(predictions), torch.cat(targets)
+
+
+def mae_milli(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean absolute error in thousandths of the target unit: meV for the energy targets."""
+    return float((predictions - targets).abs().mean() * 1000.0)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    # A crash mid-write must never leave a truncated checkpoint under the real name.
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `run_trial`, loaded without executing pickled code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: checkpoint is corrupt or unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Seeding per epoch (not one stream for the whole run) makes resume exact without saving RNG state.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _train_epoch(model, optimizer, data: TrialData, loader, device, dtype, on_batch) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = _to_device(batch, device, dtype)
+        target = (batch.y[:, data.target_column].to(dtype) - data.target_mean) / data.target_std
+        loss = F.mse_loss(model(batch), target)
+        if not torch.isfinite(loss):
+            return float("nan")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * batch.num_graphs
+        count += batch.num_graphs
+        on_batch()
+    return total / count
+
+
+def run_trial(
+    config: TrialConfig,
+    out_dir: Path,
+    tensors: QM9Tensors | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrialResult:
+    """Train one trial into `out_dir` (config.yaml, checkpoint.pt, best_model.pt, result.json and
+    test_embeddings.npz, the test-set embeddings of the best weights; see study/embeddings.py).
+
+    `on_epoch` receives each epoch's metrics as they are measured; `progress(done, total)` is
+    called after every training batch.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot create output folder ({exc.strerror})") from None
+    checkpoint_path = out_dir / "checkpoint.pt"
+    state = None
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        if state["config"] != config.model_dump(mode="json"):
+            raise UserError(f"{checkpoint_path}: written by a different config; use another output folder")
+    elif checkpoint_path.exists():
+        raise UserError(f"{out_dir}: holds a checkpoint already; pass --resume to continue it or choose another folder")
+    (out_dir / "config.yaml").write_text(config.to_yaml())
+
+    tensors = tensors if tensors is not None else load_qm9()
+    data = prepare_data(config, tensors)
+    device = select_device(config.device)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device=device, dtype=dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: list[EpochMetrics] = []
+    best_val, best_epoch, best_state = math.inf, None, None
+    train_seconds, start_epoch = 0.0, 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state"]
+        train_seconds, start_epoch = state["train_seconds"], state["epoch"] + 1
+
+    val_loader = DataLoader(data.val, batch_size=EVAL_BATCH_SIZE)
+    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    result = TrialResult(
+        status="completed",
+        epochs_completed=start_epoch - 1,
+        num_params=count_parameters(model),
+        train_seconds=train_seconds,
+        target_mean=data.target_mean,
+        target_std=data.target_std,
+    )
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        train_loader = DataLoader(
+            data.train, batch_size=config.batch_size, shuffle=True, generator=_epoch_generator(config.seed, epoch)
+        )
+        done = 0
+
+        def on_batch() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
+
+        train_loss = _train_epoch(model, optimizer, data, train_loader, device, dtype, on_batch)
+        val_mae = mae_milli(*predict(model, val_loader, data, device, dtype)) if math.isfinite(train_loss) else math.nan
+        train_seconds += time.perf_counter() - started
+        if not (math.isfinite(train_loss) and math.isfinite(val_mae)):
+            result.status, result.diverged_epoch = "diverged", epoch
+            result.reason = "non-finite training loss" if not math.isfinite(train_loss) else "non-finite validation error"
+            break
+        metrics = EpochMetrics(epoch, train_loss, val_mae)
+        history.append(metrics)
+        if val_mae < best_val:
+            best_val, best_epoch = val_mae, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.model_dump(mode="json"),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "best_state": best_state,
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+                "history": [asdict(m) for m in history],
+                "train_seconds": train_seconds,
+            },
+            checkpoint_path,
+        )
+        result.epochs_completed = epoch
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    result.history = history
+    result.train_seconds = train_seconds
+    if result.status == "completed" and best_state is not None:
+        model.load_state_dict(best_state)
+        _atomic_save(best_state, out_dir / "best_model.pt")
+        test_loader = DataLoader(data.test, batch_size=EVAL_BATCH_SIZE)
+        result.test_mae_meV = mae_milli(*predict(model, test_loader, data, device, dtype))
+        embeddings = compute_embeddings(
+            model, data.test, config.target, data.target_column, data.target_mean, data.target_std, device, dtype
+        )
+        save_embeddings(embeddings, out_dir / EMBEDDINGS_FILE)
+        result.best_epoch, result.best_val_mae_meV = best_epoch, best_val
+    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result

@@ -1,0 +1,46 @@
+"""Shared fixtures: the full QM9 set is processed once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from study.data import load_qm9
+
+
+@pytest.fixture(scope="session")
+def qm9_cache_dir(tmp_path_factory) -> Path:
+    # IRREP_STUDY_CACHE lets a developer reuse a processed cache between sessions;
+    # CI starts empty and processes QM9 once here.
+    preset = os.environ.get("IRREP_STUDY_CACHE")
+    return Path(preset) if preset else tmp_path_factory.mktemp("qm9-cache")
+
+
+@pytest.fixture(scope="session")
+def qm9(qm9_cache_dir):
+    return load_qm9(qm9_cache_dir)
+
+
+@pytest.fixture
+def run_cli(qm9, qm9_cache_dir, tmp_path):
+    """Run the real `irrep-study` entry point in a subprocess, in a temp working folder."""
+
+    def run(*args: str, check_exit: int | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir)}
+        result = subprocess.run(
+            [sys.executable, "-m", "study.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if check_exit is not None:
+            assert result.returncode == check_exit, result.stderr
+        return result
+
+    return run

@@ -1,0 +1,112 @@
+"""One trial end to end on small QM9 subsets: learning, exact resume, divergence, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from study.config import TrialConfig
+from study.embeddings import load_embeddings
+from study.errors import UserError
+from study.train import load_checkpoint, run_trial
+
+TINY = dict(l_values=[0, 1, 2], hidden_dim=4, num_layers=1, subset=500, batch_size=32, target_mean=-76.1160, target_std=10.3238)
+
+
+def test_loss_falls_on_500_molecules(qm9, tmp_path):
+    # A slightly wider model and a higher learning rate than TINY, so 4 CPU epochs show real learning.
+    config = TrialConfig(**{**TINY, "hidden_dim": 8, "lr": 3e-3}, epochs=4)
+    result = run_trial(config, tmp_path, tensors=qm9)
+    assert result.status == "completed" and result.epochs_completed == 4
+    losses = [m.train_loss for m in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.history[-1].val_mae_meV < 0.8 * result.history[0].val_mae_meV
+    assert result.best_val_mae_meV == min(m.val_mae_meV for m in result.history)
+    assert result.test_mae_meV is not None and 0 < result.test_mae_meV < 1e6
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["test_mae_meV"] == pytest.approx(result.test_mae_meV)
+    assert (tmp_path / "best_model.pt").exists() and (tmp_path / "config.yaml").exists()
+
+    # The test-set embeddings of the best weights, readable by analysis, agree with the test MAE.
+    embeddings = load_embeddings(tmp_path / "test_embeddings.npz")
+    assert len(embeddings.mol_id) == 50 and len(set(embeddings.mol_id.tolist())) == 50
+    assert embeddings.graph.shape == (50, embeddings.layout.dim) and embeddings.layout.l_values == (0, 1, 2)
+    assert embeddings.graph_per_block.shape == (1 + 1 + config.num_layers, 50, embeddings.layout.dim)
+    assert np.array_equal(embeddings.graph, embeddings.graph_per_block[-1])
+    mae = 1000 * np.abs(embeddings.prediction - embeddings.target).mean()
+    assert mae == pytest.approx(result.test_mae_meV, rel=1e-4)
+    assert embeddings.smiles[0] == qm9.smiles[embeddings.dataset_index[0]]
+
+
+def test_same_seed_same_run_and_interrupted_run_resumes_exactly(qm9, tmp_path):
+    config = TrialConfig(**TINY, epochs=3)
+    uninterrupted = run_trial(config, tmp_path / "a", tensors=qm9)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(metrics):
+        if metrics.epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_trial(config, tmp_path / "b", tensors=qm9, on_epoch=stop_after_first)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    with pytest.raises(UserError, match="pass --resume"):
+        run_trial(config, tmp_path / "b", tensors=qm9)
+    resumed = run_trial(config, tmp_path / "b", tensors=qm9, resume=True)
+
+    assert [m.epoch for m in resumed.history] == [1, 2, 3]
+    assert [dataclasses.astuple(m) for m in resumed.history] == [dataclasses.astuple(m) for m in uninterrupted.history]
+    assert resumed.test_mae_meV == uninterrupted.test_mae_meV
+
+
+def test_resume_refuses_a_different_config(qm9, tmp_path):
+    run_trial(TrialConfig(**TINY, epochs=1), tmp_path, tensors=qm9)
+    with pytest.raises(UserError, match="different config"):
+        run_trial(TrialConfig(**{**TINY, "hidden_dim": 8}, epochs=1), tmp_path, tensors=qm9, resume=True)
+
+
+def test_planted_non_finite_loss_ends_as_diverged(qm9, tmp_path):
+    poisoned = dataclasses.replace(qm9, y=qm9.y.clone())
+    poisoned.y[:, 12] = float("nan")
+    result = run_trial(TrialConfig(**TINY, epochs=3), tmp_path, tensors=poisoned)
+    assert result.status == "diverged"
+    assert result.diverged_epoch == 1 and "non-finite" in result.reason
+    assert result.test_mae_meV is None
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "diverged"
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt or unreadable"):
+        load_checkpoint(path)
+
+
+def test_cli_train_json(run_cli, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("l_values: [0, 1]\nhidden_dim: 4\nnum_layers: 1\nsubset: 200\nepochs: 2\n")
+    result = run_cli("train", str(config), "--set", "edges=radius", "--out", str(tmp_path / "run"), "--json", check_exit=0)
+    report = json.loads(result.stdout)
+    assert report["status"] == "completed" and report["epochs_completed"] == 2
+    assert len(report["history"]) == 2 and report["test_mae_meV"] > 0
+    assert "epoch 2/2" in result.stderr
+    saved = TrialConfig.model_validate(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
+    assert saved.edges == "radius" and saved.l_values == (0, 1)
+
+
+def test_embeddings_of_an_unknown_format_version_are_refused(tmp_path):
+    from study.embeddings import EmbeddingsFormatError
+
+    path = tmp_path / "future.npz"
+    np.savez(path, meta=np.asarray(json.dumps({"format": "irrep-study/embeddings", "version": 99})))
+    with pytest.raises(EmbeddingsFormatError, match="version 99 is not supported"):
+        load_embeddings(path)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(EmbeddingsFormatError, match="not a readable embeddings file"):
+        load_embeddings(tmp_path / "junk.npz")
