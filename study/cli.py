@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2; `--debug` shows the trac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -170,6 +171,164 @@ def train(
     if result.status == "diverged":
         log.print(f"trial diverged at epoch {result.diverged_epoch}: {result.reason}")
         raise typer.Exit(1)
+
+
+TrackingUriOption = Annotated[
+    Optional[str],
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
+]
+
+
+@app.command()
+def sweep(
+    space_path: Annotated[Path, typer.Argument(metavar="SPACE.yaml", help="Search space (see search_spaces/).")],
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster to join: auto, host:port or ray://host:port (default: start a local Ray).")
+    ] = None,
+    tracking_uri: TrackingUriOption = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the space's name).")] = None,
+    storage: Annotated[Path, typer.Option(help="Folder for Ray Tune's experiment state and checkpoints.")] = Path("ray_results"),
+    resume: Annotated[bool, typer.Option(help="Continue the latest unfinished sweep of this space in --storage.")] = False,
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray (no --address); default: all.")] = None,
+    cache_dir: CacheDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a study on Ray Tune (Optuna or grid, ASHA), every trial tracked in MLflow."""
+    from study import tracking
+    from study.space import load_search_space
+
+    space = load_search_space(space_path)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    tensors = _load_tensors(cache_dir)
+
+    from study.sweep import check_resources, connect_ray, redact, run_sweep
+
+    connect_ray(address, num_cpus=num_cpus)
+    check_resources(space)
+    log.print(f"tracking: {redact(uri)}")
+    # Ray Tune prints its own banners on stdout; stdout belongs to the --json document.
+    with contextlib.redirect_stdout(sys.stderr):
+        outcome = run_sweep(
+            space, tensors, uri, experiment or space.name, storage,
+            address=address, resume=resume, show_progress=True, log=lambda message: log.print(message),
+        )
+    report = outcome.to_dict()
+    if as_json:
+        _emit_json(report)
+        return
+    best = report["best"]
+    counts: dict[str, int] = {}
+    for trial in report["trials"]:
+        counts[trial["status"]] = counts.get(trial["status"], 0) + 1
+    typer.echo(f"sweep {outcome.path.name}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if best:
+        typer.echo(f"best: l_values={best['l_values']} seed={best['seed']} test MAE {best['test_mae_meV']:.1f} meV (run {best['mlflow_run_id']})")
+    typer.echo(f"next: irrep-study best --experiment {outcome.experiment}" + (f" --tracking-uri {redact(uri)}" if tracking_uri else ""))
+
+
+@app.command()
+def best(
+    experiment: Annotated[str, typer.Option(help="MLflow experiment (the study name).")],
+    tracking_uri: TrackingUriOption = None,
+    metric: Annotated[str, typer.Option(help="Rank by this metric, lowest first.")] = "test_mae_meV",
+    top: Annotated[int, typer.Option(help="How many runs to show.")] = 10,
+    where: Annotated[
+        Optional[str], typer.Option(help="Extra MLflow filter, e.g. \"params.hidden_dim = '16'\".")
+    ] = None,
+    export: Annotated[Optional[Path], typer.Option(help="Write the best run's trial config here (for irrep-study train).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The best trials of a study from MLflow, as a table; --export retrains the winner."""
+    from study import tracking
+    from study.best import best_runs, export_config
+
+    if top <= 0:
+        raise UserError(f"--top: must be positive, got {top}")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    rows = best_runs(uri, experiment, metric, top, where)
+    if export is not None:
+        if not rows:
+            raise UserError(f"--export: experiment {experiment!r} has no trial with {metric}")
+        export_config(rows[0], export)
+        log.print(f"wrote the config of run {rows[0]['run_id']} to {export}: irrep-study train {export}")
+    if as_json:
+        _emit_json({"experiment": experiment, "metric": metric, "runs": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{experiment}: best by {metric}")
+    for column in ("rank", "run id", "l values", "hidden", "layers", "lr", "seed", "val MAE", "test MAE", "status"):
+        table.add_column(column)
+    for row in rows:
+        shown = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        table.add_row(
+            str(row["rank"]), row["run_id"], row["params"].get("l_values", ""), row["params"].get("hidden_dim", ""),
+            row["params"].get("num_layers", ""), row["params"].get("lr", ""), row["params"].get("seed", ""),
+            shown(row["best_val_mae_meV"]), shown(row["test_mae_meV"]), row["status"],
+        )
+    Console(width=160).print(table)
+
+
+@app.command()
+def analyze(
+    experiment: Annotated[str, typer.Option(help="MLflow experiment (the study name).")],
+    parent: Annotated[Optional[str], typer.Option(help="Analyse only the trials of this sweep (parent run id).")] = None,
+    tracking_uri: Annotated[
+        Optional[str],
+        typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: analyses/<experiment>-<time>).")] = None,
+    max_molecules: Annotated[
+        int, typer.Option(help="Test molecules per trial for structure scores and knockouts (seeded subsample).")
+    ] = 2000,
+    knockout: Annotated[bool, typer.Option(help="Zero each irrep block in the trained models (needs the QM9 cache).")] = True,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples and permutations per correlation.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of subsampling, UMAP, cross-validation and resampling.")] = 0,
+    log_mlflow: Annotated[bool, typer.Option(help="Log the analysis as an MLflow run (role=analysis).")] = True,
+    cache_dir: CacheDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per-irrep utilization, structure and knockout scores of every trial, correlated with test error."""
+    from analysis.pipeline import AnalysisSettings, run_analysis
+    from analysis.scores import ScoreSettings
+
+    if max_molecules < 10:
+        raise UserError(f"--max-molecules: must be at least 10, got {max_molecules}")
+    if bootstrap < 100:
+        raise UserError(f"--bootstrap: must be at least 100, got {bootstrap}")
+    if out is None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        out = Path("analyses") / f"{safe}-{datetime.now():%Y%m%d-%H%M%S}"
+    settings = AnalysisSettings(
+        scores=ScoreSettings(seed=seed, max_molecules=max_molecules),
+        knockout=knockout,
+        n_boot=bootstrap,
+        n_perm=bootstrap,
+        log_to_mlflow=log_mlflow,
+    )
+    with Progress(
+        TextColumn("[bold]analyze[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=log, transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        outcome = run_analysis(
+            experiment, out, parent_run_id=parent, tracking_uri=tracking_uri, settings=settings,
+            qm9_cache_dir=cache_dir, log=lambda message: log.print(message), progress=on_progress,
+        )
+    document = outcome.to_dict()
+    if as_json:
+        _emit_json(document)
+        return
+    typer.echo(f"analysed {document['trials_analysed']} trials of {experiment!r} -> {out}")
+    for row in document["top_correlations"][:5]:
+        interval = f" [{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if row["rho_lo"] is not None else ""
+        typer.echo(f"  {row['block']:>6} {row['score']:<22} rho {row['rho']:+.2f}{interval}  p {row['p_rho']:.3g}  n {row['n']}")
+    typer.echo(f"report: {document['files']['report']}" + (f"  (MLflow run {outcome.analysis_run_id})" if outcome.analysis_run_id else ""))
 
 
 def main() -> None:

@@ -36,6 +36,14 @@ class EpochMetrics:
     epoch: int
     train_loss: float
     val_mae_meV: float
+    # Share of the squared norm of the validation graph embeddings held by each l block (sums to 1).
+    norm_share: dict[int, float] = field(default_factory=dict)
+
+    def tracked(self) -> dict[str, float]:
+        """The epoch's metrics under their MLflow names."""
+        metrics = {"train_loss": self.train_loss, "val_mae_meV": self.val_mae_meV}
+        metrics.update({f"norm_share_l{l}": share for l, share in self.norm_share.items()})
+        return metrics
 
 
 @dataclass
@@ -130,13 +138,30 @@ def predict(
     model: IrrepConvModel, loader: DataLoader, data: TrialData, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions and targets in the target's own units (eV for energies), in loader order."""
+    predictions, targets, _ = evaluate(model, loader, data, device, dtype)
+    return predictions, targets
+
+
+@torch.no_grad()
+def evaluate(
+    model: IrrepConvModel, loader: DataLoader, data: TrialData, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
+    """Predictions, targets, and the share of the graph embeddings' squared norm held by each l."""
     model.eval()
     predictions, targets = [], []
+    layout = model.layout
+    squared = {l: 0.0 for l in layout.l_values}
     for batch in loader:
         batch = _to_device(batch, device, dtype)
-        predictions.append(model(batch).double().cpu() * data.target_std + data.target_mean)
+        embedding = model.embed(batch)
+        predictions.append(embedding.prediction.double().cpu() * data.target_std + data.target_mean)
         targets.append(batch.y[:, data.target_column].double().cpu())
-    return torch.cat(predictions), torch.cat(targets)
+        graph = embedding.graph.double()
+        for block in layout.blocks:
+            squared[block.l] += float(graph[:, block.start : block.stop].square().sum())
+    total = sum(squared.values())
+    shares = {l: (value / total if total > 0 else math.nan) for l, value in squared.items()}
+    return torch.cat(predictions), torch.cat(targets), shares
 
 
 def mae_milli(predictions: torch.Tensor, targets: torch.Tensor) -> float:
@@ -259,13 +284,16 @@ def run_trial(
                 progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
 
         train_loss = _train_epoch(model, optimizer, data, train_loader, device, dtype, on_batch)
-        val_mae = mae_milli(*predict(model, val_loader, data, device, dtype)) if math.isfinite(train_loss) else math.nan
+        val_mae, norm_share = math.nan, {}
+        if math.isfinite(train_loss):
+            val_predictions, val_targets, norm_share = evaluate(model, val_loader, data, device, dtype)
+            val_mae = mae_milli(val_predictions, val_targets)
         train_seconds += time.perf_counter() - started
         if not (math.isfinite(train_loss) and math.isfinite(val_mae)):
             result.status, result.diverged_epoch = "diverged", epoch
             result.reason = "non-finite training loss" if not math.isfinite(train_loss) else "non-finite validation error"
             break
-        metrics = EpochMetrics(epoch, train_loss, val_mae)
+        metrics = EpochMetrics(epoch, train_loss, val_mae, norm_share)
         history.append(metrics)
         if val_mae < best_val:
             best_val, best_epoch = val_mae, epoch

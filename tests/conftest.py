@@ -29,8 +29,8 @@ def qm9(qm9_cache_dir):
 def run_cli(qm9, qm9_cache_dir, tmp_path):
     """Run the real `irrep-study` entry point in a subprocess, in a temp working folder."""
 
-    def run(*args: str, check_exit: int | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir)}
+    def run(*args: str, check_exit: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir), **(env or {})}
         result = subprocess.run(
             [sys.executable, "-m", "study.cli", *args],
             cwd=tmp_path,
@@ -44,3 +44,12 @@ def run_cli(qm9, qm9_cache_dir, tmp_path):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def logged_study(qm9, tmp_path_factory):
+    """Tiny real trials (and two that never finished) logged to a real SQLite MLflow store as one sweep."""
+    from mlflow_trials import ANALYSIS_TRIALS, make_logged_study
+
+    root = tmp_path_factory.mktemp("mlflow-study")
+    return make_logged_study(root, qm9, ANALYSIS_TRIALS, unfinished=("stopped_early", "failed"))

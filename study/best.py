@@ -1,0 +1,58 @@
+"""`irrep-study best`: rank a study's trials from MLflow and export the winner as a trial config."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from study import tracking
+from study.config import TrialConfig
+from study.errors import UserError
+
+
+def best_runs(uri: str, experiment: str, metric: str, top: int, where: str | None = None) -> list[dict]:
+    """The `top` trial runs of `experiment` with the lowest `metric`, best first."""
+    experiment_id = tracking.find_experiment(uri, experiment)
+    try:
+        runs = tracking.child_runs(uri, experiment_id, filter_string=where or "")
+    except Exception as exc:
+        message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UserError(f"--where {where!r}: not a valid MLflow filter ({message})") from None
+    ranked = [r for r in runs if isinstance(r.data.metrics.get(metric), float) and math.isfinite(r.data.metrics[metric])]
+    if runs and not ranked and not where and metric not in {m for r in runs for m in r.data.metrics}:
+        raise UserError(f"--metric: no trial of {experiment!r} has a metric named {metric!r}")
+    ranked.sort(key=lambda r: r.data.metrics[metric])
+    rows = []
+    for rank, run in enumerate(ranked[:top], start=1):
+        metrics = run.data.metrics
+        rows.append({
+            "rank": rank,
+            "run_id": run.info.run_id,
+            "metric": metrics[metric],
+            "params": dict(run.data.params),
+            "best_val_mae_meV": metrics.get("best_val_mae_meV"),
+            "test_mae_meV": metrics.get("test_mae_meV"),
+            "num_params": metrics.get("num_params"),
+            "status": run.data.tags.get(tracking.STATUS_TAG, run.info.status.lower()),
+        })
+    return rows
+
+
+def config_from_params(params: dict[str, str]) -> TrialConfig:
+    """The trial config a run was trained with, from its MLflow params ("" stands for None)."""
+    known = {k: (None if v == "" else v) for k, v in params.items() if k in TrialConfig.model_fields}
+    return TrialConfig(**known)
+
+
+def export_config(row: dict, path: Path) -> None:
+    config = config_from_params(row["params"])
+    header = f"# exported by `irrep-study best` from MLflow run {row['run_id']}\n"
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(header + config.to_yaml())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--export {path}: cannot write ({exc.strerror})") from None

@@ -1,0 +1,413 @@
+"""A study on Ray Tune: Optuna (or a grid) proposes trial configs, ASHA stops the weak ones early,
+each trial trains with study.train and logs itself to MLflow from its own process.
+
+The only module that knows Ray. Layout of one sweep's folder (`--storage`/<name>-<time>/):
+Ray Tune's experiment state (so `Tuner.restore` and `ExperimentAnalysis` read it), the trials'
+checkpoints, and `irrep_study_sweep.json` naming the MLflow experiment and parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from ray.tune import Callback
+
+from study import tracking
+from study.data import QM9Tensors
+from study.errors import UserError
+from study.space import OptunaSpace, SearchSpace, trial_overrides
+
+METRIC = "val_mae_meV"
+SWEEP_FILE = "irrep_study_sweep.json"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its config; small, so it travels with each trial."""
+
+    space: dict  # SearchSpace.model_dump()
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def redact(uri: str) -> str:
+    """A URI without its user:password part, fit for logs and files."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# ---------------------------------------------------------------------------- the trial
+
+
+def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepContext) -> None:
+    """Ray Tune function trainable: one trial, resumable from its last Tune checkpoint."""
+    import torch
+    from ray import tune
+
+    from study.train import run_trial
+
+    space = SearchSpace.model_validate(context.space)
+    seed = space.seed_list[params.get("__trial_index__", 0)] if "seed" not in params else int(params["seed"])
+    config = space.trial_config(trial_overrides(params), seed)
+    torch.set_num_threads(max(1, int(space.resources.cpus_per_trial)))
+
+    trial_id = tune.get_context().get_trial_id()
+    l_text = ",".join(map(str, config.l_values))
+    run = tracking.TrialRun(
+        context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
+        run_name=f"{trial_id} l={l_text} h={config.hidden_dim} seed={seed}",
+    )
+    run.log_params(config.flat_params())
+    identity = {"l_values": l_text, "hidden_dim": config.hidden_dim, "seed": seed, "mlflow_run_id": run.run_id}
+
+    work = Path(tempfile.mkdtemp(prefix=f"irrep-study-{trial_id}-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as saved:
+            shutil.copy(Path(saved) / "checkpoint.pt", work / "checkpoint.pt")
+    last_epoch = {}
+
+    def on_epoch(metrics) -> None:
+        run.log_epoch(metrics.epoch, metrics.tracked())
+        last_epoch.update(epoch=metrics.epoch, **metrics.tracked())
+        if metrics.epoch < config.epochs:  # the last epoch is reported with the test result below
+            report = {**identity, **last_epoch, "trial_status": "running"}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(work)))
+
+    try:
+        result = run_trial(config, work, tensors=tensors, resume=checkpoint is not None, on_epoch=on_epoch)
+        if result.status == "diverged":
+            reason = f"{result.reason} at epoch {result.diverged_epoch}"
+            run.finish("diverged", reason)
+            # The searcher is told with the worst value, so it steers away from here.
+            tune.report({**identity, "epoch": result.diverged_epoch, METRIC: math.inf, "trial_status": "diverged"})
+            return
+        final = {
+            "test_mae_meV": result.test_mae_meV,
+            "best_val_mae_meV": result.best_val_mae_meV,
+            "num_params": result.num_params,
+            "train_seconds": result.train_seconds,
+        }
+        run.log_final(final, work)
+        run.finish("completed")
+        tune.report({**identity, **last_epoch, **final, "trial_status": "completed"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- the driver
+
+
+class TrackTrialEnds(Callback):
+    """Statuses only the driver sees: stopped by ASHA, or failed for good after retries."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if result.get("trial_status") == "running" and result.get("mlflow_run_id"):
+            tracking.finish_run(
+                self.tracking_uri, result["mlflow_run_id"], "stopped_early",
+                f"stopped by the scheduler after epoch {result.get('epoch')}",
+            )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = (trial.last_result or {}).get("mlflow_run_id")
+        if run_id:
+            tracking.finish_run(self.tracking_uri, run_id, "failed", _error_line(trial))
+
+
+class ProgressTable(Callback):
+    """A table of every trial (l values, seed, epoch, validation MAE, status) on stderr, every few seconds."""
+
+    def __init__(self, every_seconds: float = 10.0):
+        self.every_seconds = every_seconds
+        self.last = 0.0
+
+    @staticmethod
+    def rows(trials) -> list[dict]:
+        rows = []
+        for trial in trials:
+            result = trial.last_result or {}
+            status = trial.status.lower()
+            if trial.status == "TERMINATED":
+                status = {"running": "stopped_early"}.get(result.get("trial_status"), result.get("trial_status", "done"))
+            rows.append({
+                "trial": trial.trial_id,
+                "l_values": result.get("l_values") or (trial.config or {}).get("l_values", ""),
+                "seed": result.get("seed", ""),
+                "epoch": result.get("epoch", 0),
+                METRIC: result.get(METRIC),
+                "status": status,
+            })
+        return rows
+
+    def render(self, trials) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"trials ({datetime.now():%H:%M:%S})", title_justify="left")
+        for column in ("trial", "l_values", "seed", "epoch", "val MAE (meV)", "status"):
+            table.add_column(column)
+        for row in self.rows(trials):
+            value = row[METRIC]
+            shown = f"{value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+            table.add_row(row["trial"], str(row["l_values"]), str(row["seed"]), str(row["epoch"]), shown, row["status"])
+        Console(stderr=True, width=100).print(table)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last > self.every_seconds:
+            self.last = time.monotonic()
+            self.render(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.render(trials)
+
+
+def _error_line(trial) -> str:
+    error_file = getattr(trial, "error_file", None)
+    try:
+        lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
+        return lines[-1][:500] if lines else "trial failed"
+    except (TypeError, OSError):
+        return "trial failed"
+
+
+def _searcher_and_space(space: SearchSpace):
+    from ray import tune
+
+    if space.search.method == "grid":
+        param_space = {"grid_entry": tune.grid_search(space.search.grid), "seed": tune.grid_search(space.seed_list)}
+        return None, param_space, 1
+    import optuna
+    from ray.tune.search import Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=space.search.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=space.search.seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=space.search.seed),
+    }
+    searcher = OptunaSearch(
+        space=OptunaSpace(space.search), metric=METRIC, mode="min", sampler=samplers[space.search.sampler]()
+    )
+    repeats = len(space.seed_list)
+    if repeats > 1:
+        # Each proposal is trained once per seed; Optuna is told the mean over seeds.
+        searcher = Repeater(searcher, repeat=repeats, set_index=True)
+    return searcher, {}, space.search.num_samples * repeats
+
+
+def _scheduler(space: SearchSpace, epochs: int):
+    if space.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=min(space.scheduler.grace_period, epochs),
+        reduction_factor=space.scheduler.reduction_factor,
+    )
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (`auto`, `host:port`, `ray://host:port`), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray warns on every checkpoint of short trials that snapshots come often; that is by design here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+    try:
+        if address is None:
+            ray.init(num_cpus=num_cpus, **kwargs)
+        else:
+            kwargs.pop("include_dashboard")
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"--address {address}: cannot connect to the Ray cluster ({reason})") from None
+
+
+def check_resources(space: SearchSpace) -> None:
+    """Refuse a trial that no node of the cluster could ever hold, instead of waiting forever."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    most_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    most_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    wanted = space.resources
+    if wanted.gpus_per_trial > most_gpus:
+        raise UserError(
+            f"resources.gpus_per_trial: {wanted.gpus_per_trial} GPUs per trial, but no node of the cluster has more than {most_gpus:g}"
+        )
+    if wanted.cpus_per_trial > most_cpus:
+        raise UserError(
+            f"resources.cpus_per_trial: {wanted.cpus_per_trial} CPUs per trial, but no node of the cluster has more than {most_cpus:g}"
+        )
+
+
+def _latest_unfinished(storage: Path, name: str) -> Path | None:
+    candidates = []
+    for marker in storage.glob(f"{name}-*/{SWEEP_FILE}"):
+        try:
+            state = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if not state.get("finished"):
+            candidates.append(marker.parent)
+    return max(candidates, key=lambda p: p.name) if candidates else None
+
+
+@dataclass
+class SweepOutcome:
+    path: Path
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[dict]
+
+    def to_dict(self) -> dict:
+        finished = [t for t in self.trials if t.get("test_mae_meV") is not None]
+        best = min(finished, key=lambda t: t["test_mae_meV"]) if finished else None
+        return {
+            "path": str(self.path),
+            "experiment": self.experiment,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "tracking_uri": redact(self.tracking_uri),
+            "trials": self.trials,
+            "best": best,
+        }
+
+
+def run_sweep(
+    space: SearchSpace,
+    tensors: QM9Tensors,
+    tracking_uri: str,
+    experiment: str,
+    storage: Path,
+    address: str | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepOutcome:
+    """Run (or with `resume`, continue) the study `space`; every trial ends up in MLflow."""
+    from ray import tune
+
+    storage = Path(storage).resolve()
+    base = space.base
+    if resume:
+        path = _latest_unfinished(storage, space.name)
+        if path is None:
+            raise UserError(f"--resume: no unfinished sweep named {space.name!r} in {storage}")
+        state = json.loads((path / SWEEP_FILE).read_text())
+        experiment_id, parent_run_id = state["experiment_id"], state["parent_run_id"]
+        experiment = state["experiment"]
+        log(f"resuming {path.name}: MLflow experiment {experiment!r}, parent run {parent_run_id}")
+    else:
+        path = storage / f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
+        parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params())
+        path.mkdir(parents=True, exist_ok=False)
+        _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=False)
+        log(f"sweep {path.name}: {space.total_trials} trials; MLflow experiment {experiment!r}, parent run {parent_run_id}")
+
+    context = SweepContext(space.model_dump(mode="json"), tracking_uri, experiment_id, parent_run_id)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_sweep_trial, tensors=tensors, context=context),
+        {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial},
+    )
+    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri)] + ([ProgressTable()] if show_progress else [])
+    if resume:
+        # The run config, callbacks included, comes back from Ray's saved experiment state.
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        searcher, param_space, num_samples = _searcher_and_space(space)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="min",
+                search_alg=searcher,
+                scheduler=_scheduler(space, base.epochs),
+                num_samples=num_samples,
+                max_concurrent_trials=space.resources.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=path.name,
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=callbacks,
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()
+
+    orphans = tracking.end_orphaned_runs(
+        tracking_uri, experiment_id, parent_run_id,
+        "interrupted: the sweep's driver stopped before Ray Tune saved this trial, so the resumed sweep did not continue it",
+    )
+    if orphans:
+        log(f"marked {orphans} trial run(s) that the interrupted driver left behind as interrupted")
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        status = metrics.get("trial_status", "failed" if result.error else "unknown")
+        if status == "running":
+            status = "stopped_early"
+        trials.append({
+            "trial_id": metrics.get("trial_id"),
+            "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "l_values": metrics.get("l_values"),
+            "hidden_dim": metrics.get("hidden_dim"),
+            "seed": metrics.get("seed"),
+            "status": "failed" if result.error else status,
+            "epochs": metrics.get("epoch"),
+            "val_mae_meV": _finite(metrics.get(METRIC)),
+            "test_mae_meV": _finite(metrics.get("test_mae_meV")),
+        })
+    tracking.finish_run(tracking_uri, parent_run_id, "completed")
+    _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=True)
+    return SweepOutcome(path, experiment, experiment_id, parent_run_id, tracking_uri, trials)
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _write_state(path: Path, space: SearchSpace, experiment: str, experiment_id: str, parent_run_id: str,
+                 tracking_uri: str, finished: bool) -> None:
+    state = {
+        "space": space.model_dump(mode="json"),
+        "experiment": experiment,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "tracking_uri": redact(tracking_uri),  # never a password in a file
+        "finished": finished,
+    }
+    tmp = path / (SWEEP_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path / SWEEP_FILE)

@@ -1,0 +1,145 @@
+"""Faults survived with real processes: a trial worker killed mid-epoch, the driver killed mid-sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from study.tracking import ROLE_TAG, STATUS_TAG
+from tests.services import wait_until
+
+TRIAL = {"hidden_dim": 4, "num_layers": 1, "target_mean": -76.1160, "target_std": 10.3238}
+
+
+def start_sweep(space_file, cwd, cache_dir, *extra):
+    env = {**os.environ, "IRREP_STUDY_CACHE": str(cache_dir)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "study.cli", "sweep", str(space_file), "--num-cpus", "1", "--json", *extra],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=open(cwd / "sweep.log", "a"), text=True,
+        start_new_session=True,  # its own process group: killing the group takes the local Ray with it
+    )
+
+
+def trial_runs(cwd, name):
+    from mlflow.tracking import MlflowClient
+
+    # Touch the store only once the sweep has created it: two processes creating MLflow's tables
+    # at once collide.
+    if not list(cwd.glob("ray_results/*/irrep_study_sweep.json")):
+        return None, []
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client, []
+    return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def epochs_logged(client, run) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mae_meV"))
+
+
+def trial_workers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "ray::ImplicitFunc" in cmdline or "ray::run_sweep_trial" in cmdline:
+            found.append(process)
+    return found
+
+
+def test_killed_trial_worker_resumes_from_its_checkpoint_with_each_epoch_logged_once(qm9, qm9_cache_dir, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "worker-kill",
+        "trial": {**TRIAL, "subset": 2000, "epochs": 5},
+        "search": {"method": "grid", "grid": [{"l_values": [0, 1]}]},
+        "scheduler": {"type": "none"},
+        "resources": {"max_failures": 2},
+    }))
+    sweep = start_sweep(space, tmp_path, qm9_cache_dir)
+    try:
+        def two_epochs_done():
+            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            client, runs = trial_runs(tmp_path, "worker-kill")
+            return bool(runs) and len(epochs_logged(client, runs[0])) >= 2
+
+        wait_until(two_epochs_done, 300, "two logged epochs")
+        workers = trial_workers()
+        assert workers, "no trial worker process found"
+        for worker in workers:
+            worker.send_signal(signal.SIGKILL)
+        stdout, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    report = json.loads(stdout)
+    assert [t["status"] for t in report["trials"]] == ["completed"]
+
+    client, runs = trial_runs(tmp_path, "worker-kill")
+    assert len(runs) == 1  # the retry kept the trial's MLflow run
+    run = runs[0]
+    assert run.data.tags[STATUS_TAG] == "completed" and run.info.status == "FINISHED"
+    assert epochs_logged(client, run) == [1, 2, 3, 4, 5]  # each epoch exactly once
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 5
+    assert "test_mae_meV" in run.data.metrics
+
+
+def test_killed_driver_then_resume_completes_the_study_without_duplicate_runs(qm9, qm9_cache_dir, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "driver-kill",
+        "trial": {**TRIAL, "subset": 1200, "epochs": 4},
+        "search": {"method": "optuna", "num_samples": 3, "seed": 3, "params": {"l_values": {"subsets_of": [0, 1, 2]}}},
+        "scheduler": {"type": "none"},
+        "resources": {"max_concurrent": 1},
+    }))
+    first = start_sweep(space, tmp_path, qm9_cache_dir)
+    try:
+        def one_done_one_started():
+            assert first.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            client, runs = trial_runs(tmp_path, "driver-kill")
+            done = [r for r in runs if r.data.tags.get(STATUS_TAG) == "completed"]
+            started = [r for r in runs if r.data.tags.get(STATUS_TAG) == "running" and epochs_logged(client, r)]
+            return len(done) >= 1 and len(started) >= 1
+
+        wait_until(one_done_one_started, 400, "one finished and one running trial")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait(timeout=60)
+    time.sleep(2)
+
+    second = start_sweep(space, tmp_path, qm9_cache_dir, "--resume")
+    try:
+        stdout, _ = second.communicate(timeout=600)
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    assert second.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    report = json.loads(stdout)
+    assert len(report["trials"]) == 3 and all(t["status"] == "completed" for t in report["trials"])
+
+    client, runs = trial_runs(tmp_path, "driver-kill")
+    finished = [r for r in runs if r.info.run_id in {t["mlflow_run_id"] for t in report["trials"]}]
+    assert len(finished) == 3  # one run per trial: none duplicated by the resume
+    for run in finished:
+        assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "completed"
+        assert epochs_logged(client, run) == [1, 2, 3, 4]
+    # A trial the driver started but Ray had not yet saved when it died is not continued by Ray;
+    # its run must not stay RUNNING: it ends as interrupted, with the reason.
+    for run in runs:
+        if run not in finished:
+            assert run.info.status == "KILLED" and run.data.tags[STATUS_TAG] == "interrupted"
+            assert "driver stopped" in run.data.tags["irrep_study.reason"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -1,0 +1,157 @@
+"""Sweeps on real Ray (a two-node cluster on loopback, or a local Ray) with real MLflow tracking."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from study.embeddings import load_embeddings
+from study.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG
+from tests.services import MlflowServer, RayCluster
+
+TINY_TRIAL = {"hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 2, "target_mean": -76.1160, "target_std": 10.3238}
+
+
+def write_space(path, **space):
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray_cluster = RayCluster(workers=1, cpus=1)
+    yield ray_cluster
+    ray_cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, mlflow_server, run_cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    space = write_space(
+        tmp_path / "space.yaml",
+        name="two-nodes",
+        trial=TINY_TRIAL,
+        search={"method": "optuna", "num_samples": 4, "seed": 1, "params": {"l_values": {"subsets_of": [0, 1, 2]}}},
+        scheduler={"type": "none"},
+        resources={"cpus_per_trial": 1, "max_concurrent": 2},
+    )
+    result = run_cli(
+        "sweep", str(space), "--address", cluster.address, "--tracking-uri", mlflow_server.uri,
+        "--storage", str(tmp_path / "ray_results"), "--json", check_exit=0, env=cluster.client_env,
+    )
+    report = json.loads(result.stdout)
+    assert len(report["trials"]) == 4
+    assert all(t["status"] == "completed" for t in report["trials"]), report["trials"]
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("two-nodes")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
+    assert len(parents) == 1 and parents[0].info.run_id == report["parent_run_id"]
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    for run in children:
+        assert run.data.tags[PARENT_TAG] == report["parent_run_id"]
+        assert run.data.tags[STATUS_TAG] == "completed" and run.info.status == "FINISHED"
+        params = run.data.params
+        assert params["hidden_dim"] == "4" and params["seed"] == "21616" and params["l_values"].startswith("0")
+        history = client.get_metric_history(run.info.run_id, "val_mae_meV")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+        l_values = [int(l) for l in params["l_values"].split(",")]
+        shares = [client.get_metric_history(run.info.run_id, f"norm_share_l{l}") for l in l_values]
+        assert all(len(s) == 2 for s in shares)
+        assert sum(s[-1].value for s in shares) == pytest.approx(1.0, abs=1e-6)
+        assert math.isfinite(run.data.metrics["test_mae_meV"]) and run.data.metrics["num_params"] > 0
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+            "config.yaml", "best_model.pt", "test_embeddings.npz", "result.json"
+        }
+        local = client.download_artifacts(run.info.run_id, "test_embeddings.npz", str(tmp_path / run.info.run_id))
+        embeddings = load_embeddings(local)
+        assert list(embeddings.layout.l_values) == l_values
+        assert len(embeddings.mol_id) == 30  # 10% of the 300-molecule subset
+        for l in l_values:
+            assert embeddings.layout.slice(embeddings.graph, l).shape == (30, (2 * l + 1) * 4)
+        assert embeddings.graph.shape[1] == sum((2 * l + 1) * 4 for l in l_values)
+
+    # Ray Tune's own API reads the same study.
+    analysis = ExperimentAnalysis(report["path"])
+    assert len(analysis.trials) == 4
+    frame = analysis.dataframe()
+    assert set(frame["mlflow_run_id"]) == {r.info.run_id for r in children}
+    best = analysis.get_best_trial("val_mae_meV", "min", scope="last")
+    assert best.last_result["val_mae_meV"] == min(frame["val_mae_meV"])
+
+    # `best` ranks the same runs and exports a config that `train` accepts.
+    ranked = run_cli(
+        "best", "--experiment", "two-nodes", "--tracking-uri", mlflow_server.uri, "--top", "3",
+        "--export", str(tmp_path / "winner.yaml"), "--json", check_exit=0,
+    )
+    rows = json.loads(ranked.stdout)["runs"]
+    assert len(rows) == 3
+    assert [r["test_mae_meV"] for r in rows] == sorted(r.data.metrics["test_mae_meV"] for r in children)[:3]
+    from study.config import load_trial_config
+
+    exported = load_trial_config(tmp_path / "winner.yaml")
+    assert exported.flat_params() == {k: v for k, v in rows[0]["params"].items() if k in exported.flat_params()}
+
+
+def test_grid_with_seeds_and_asha_on_a_local_ray(run_cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    space = write_space(
+        tmp_path / "grid.yaml",
+        name="grid-asha",
+        trial={**TINY_TRIAL, "epochs": 3},
+        search={"method": "grid", "grid": [{"l_values": [0, 1]}, {"l_values": [0, 2], "hidden_dim": 2}]},
+        seeds=[1, 2],
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"cpus_per_trial": 1, "max_concurrent": 1},
+    )
+    result = run_cli("sweep", str(space), "--num-cpus", "1", "--json", check_exit=0)
+    report = json.loads(result.stdout)
+    trials = report["trials"]
+    assert sorted((t["l_values"], t["seed"]) for t in trials) == [("0,1", 1), ("0,1", 2), ("0,2", 1), ("0,2", 2)]
+    statuses = {t["status"] for t in trials}
+    assert statuses <= {"completed", "stopped_early"} and "completed" in statuses
+
+    # No --tracking-uri: a SQLite store in the working directory.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grid-asha")
+    children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+    assert len(children) == 4
+    by_run = {t["mlflow_run_id"]: t for t in trials}
+    for run in children:
+        trial = by_run[run.info.run_id]
+        assert run.data.tags[STATUS_TAG] == trial["status"]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["seed"] == str(trial["seed"])
+        epochs = len(client.get_metric_history(run.info.run_id, "val_mae_meV"))
+        assert epochs == trial["epochs"]
+        if trial["status"] == "stopped_early":
+            assert epochs < 3 and "test_mae_meV" not in run.data.metrics
+        else:
+            assert epochs == 3 and "test_mae_meV" in run.data.metrics
+
+    # Every trial logs val_mae_meV, stopped early or not: rank by it within one configuration.
+    narrowed = run_cli(
+        "best", "--experiment", "grid-asha", "--metric", "val_mae_meV", "--where", "params.hidden_dim = '2'",
+        "--json", check_exit=0,
+    )
+    rows = json.loads(narrowed.stdout)["runs"]
+    assert len(rows) == 2 and all(r["params"]["hidden_dim"] == "2" for r in rows)
+    assert rows[0]["metric"] <= rows[1]["metric"]
+    missing = run_cli("best", "--experiment", "no-such-study")
+    assert missing.returncode == 2 and "no experiment named 'no-such-study'" in missing.stderr
