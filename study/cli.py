@@ -53,6 +53,8 @@ def _global_options(
 
 def _emit_json(document: dict) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    # Ray's exit hooks can end the process before Python flushes a piped stdout.
+    sys.stdout.flush()
 
 
 def _load_tensors(cache_dir: Optional[Path]):
@@ -228,6 +230,29 @@ def sweep(
 
 
 @app.command()
+def sync(
+    experiment: Annotated[str, typer.Option(help="MLflow experiment (the study name) whose sweeps to sync.")],
+    tracking_uri: TrackingUriOption = None,
+    storage: Annotated[Path, typer.Option(help="The sweeps' --storage folder.")] = Path("ray_results"),
+    as_json: JsonOption = False,
+) -> None:
+    """Write to MLflow what sweeps logged while the tracking server was unreachable."""
+    from study import tracking
+    from study.sweep import sync_sweeps
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run" lines when it ends runs
+        report = sync_sweeps(uri, storage, experiment, log=lambda message: log.print(message))
+    if as_json:
+        _emit_json(report)
+    else:
+        typer.echo(f"synced {report['sweeps']} sweep(s); {report['pending']} trial journal(s) still pending")
+    if report["pending"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def best(
     experiment: Annotated[str, typer.Option(help="MLflow experiment (the study name).")],
     tracking_uri: TrackingUriOption = None,
@@ -318,7 +343,8 @@ def analyze(
 
         outcome = run_analysis(
             experiment, out, parent_run_id=parent, tracking_uri=tracking_uri, settings=settings,
-            qm9_cache_dir=cache_dir, log=lambda message: log.print(message), progress=on_progress,
+            qm9_cache_dir=cache_dir, descriptor_cache_dir=cache_dir / "descriptors" if cache_dir else None,
+            log=lambda message: log.print(message), progress=on_progress,
         )
     document = outcome.to_dict()
     if as_json:
@@ -330,6 +356,53 @@ def analyze(
         typer.echo(f"  {row['block']:>6} {row['score']:<22} rho {row['rho']:+.2f}{interval}  p {row['p_rho']:.3g}  n {row['n']}")
     typer.echo(f"report: {document['files']['report']}" + (f"  (MLflow run {outcome.analysis_run_id})" if outcome.analysis_run_id else ""))
 
+
+class BenchDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def bench(
+    configs: Annotated[
+        Optional[list[str]],
+        typer.Option("--configs", help="A model to measure, L_VALUESxHIDDEN[:radius]; repeat the option for more (default: the seed's five)."),
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed training steps per backend and config; the median is reported.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per backend and config first.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Molecules per training step.")] = 32,
+    num_layers: Annotated[int, typer.Option(help="num_layers of every model (blocks after the input block are num_layers + 1).")] = 3,
+    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
+    device: Annotated[BenchDevice, typer.Option(help="auto picks a CUDA GPU when there is one.")] = BenchDevice.auto,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run of seconds: tiny models, one layer, one step.")] = False,
+    cache_dir: CacheDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Training throughput, FLOP rate and peak memory of the e3nn and fast tensor-product backends."""
+    import torch
+
+    from study.bench import DEFAULT_CASES, QUICK_CASES, format_table, parse_case, run_bench
+    from study.train import select_device
+
+    for name, value, least in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
+                               ("--num-layers", num_layers, 0), ("--threads", threads, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{name}: must be at least {least}, got {value}")
+    if quick:
+        num_layers, repeats, warmup, batch_size = 1, 1, 1, 8
+    cases = [parse_case(spec, num_layers) for spec in (configs or (QUICK_CASES if quick else DEFAULT_CASES))]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tensors = _load_tensors(cache_dir)
+    report = run_bench(
+        tensors, cases, repeats=repeats, warmup=warmup, batch_size=batch_size, device=select_device(device.value),
+        matmul_size=256 if quick else 2048, loading_batches=3 if quick else 50, log=lambda message: log.print(message),
+    )
+    if as_json:
+        _emit_json(report)
+    else:
+        typer.echo(format_table(report))
 
 def main() -> None:
     try:

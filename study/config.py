@@ -39,6 +39,8 @@ class TrialConfig(BaseModel):
     edge_dim: int = Field(20, gt=0)
     cutoff: float = Field(6.0, gt=0, description="radial basis cutoff, and the radius of `radius` edges (Angstrom)")
     degree_norm: float = Field(6.08275253, gt=0)
+    # Same function and parameters either way (checkpoints load in both); "fast" is study/fast_tp.py.
+    backend: Literal["e3nn", "fast"] = "fast"
     # data
     target: str = "U0_atom"
     edges: Literal["bonds", "radius"] = "bonds"

@@ -9,6 +9,10 @@ Reference behaviour kept on purpose (it is the baseline of every comparison):
 - every block recomputes the spherical harmonics and radial basis of the edges (as the reference does);
 - messages are summed, then divided by the constant ``degree_norm``, not by the actual degree;
 - the readout sees only the l = 0 channels (``o3.Linear`` to ``1x0e`` has no other path).
+
+``backend="fast"`` (the default) evaluates the same tensor product with the same parameters through
+:mod:`study.fast_tp` (grouped dense matmuls instead of e3nn's per-path einsums); ``backend="e3nn"``
+runs e3nn's own ``FullyConnectedTensorProduct``. The state dicts of the two are interchangeable.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from e3nn.math import soft_one_hot_linspace
 from e3nn.nn import FullyConnectedNet
 from torch import Tensor, nn
 
+from study.fast_tp import FusedRadialTensorProduct
 from study.irreps import IrrepsLayout, irreps_for, validate_l_values
 
 # sqrt(37): the reference's estimate of the average number of neighbours in QM9.
 REFERENCE_DEGREE_NORM = 6.08275253
+BACKENDS = ("e3nn", "fast")
 
 
 class InteractionBlock(nn.Module):
@@ -39,8 +45,12 @@ class InteractionBlock(nn.Module):
         hidden_dim: int,
         cutoff: float,
         degree_norm: float,
+        backend: str = "fast",
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.l_values = validate_l_values(l_values)
         self.in_irreps = o3.Irreps(in_irreps)
         self.sh_irreps = irreps_for(self.l_values, 1)
@@ -49,7 +59,10 @@ class InteractionBlock(nn.Module):
         self.cutoff = float(cutoff)
         self.degree_norm = float(degree_norm)
         # Every allowed path ("uvw"); no shared weights: each edge gets its own from the radial MLP.
-        self.tp = o3.FullyConnectedTensorProduct(self.in_irreps, self.sh_irreps, self.out_irreps, shared_weights=False)
+        if backend == "e3nn":
+            self.tp = o3.FullyConnectedTensorProduct(self.in_irreps, self.sh_irreps, self.out_irreps, shared_weights=False)
+        else:
+            self.tp = FusedRadialTensorProduct(self.in_irreps, self.sh_irreps, self.out_irreps)
         self.radial = FullyConnectedNet([self.edge_dim, hidden_dim, self.tp.weight_numel], torch.nn.functional.silu)
 
     def forward(self, x: Tensor, pos: Tensor, edge_index: Tensor) -> Tensor:
@@ -61,7 +74,15 @@ class InteractionBlock(nn.Module):
         radial = soft_one_hot_linspace(
             edge_vec.norm(dim=-1), start=0.0, end=self.cutoff, number=self.edge_dim, basis="bessel", cutoff=True
         ) * self.edge_dim**0.5
-        messages = self.tp(x[src], sh, self.radial(radial))
+        if self.backend == "e3nn":
+            messages = self.tp(x[src], sh, self.radial(radial))
+        else:
+            # The fast tensor product takes the MLP's last linear layer itself, so that it can form
+            # the per-edge weights one (input, output) pair at a time; the scale is e3nn's for that
+            # layer (FullyConnectedNet divides its weight by sqrt(fan-in) in every call).
+            last = self.radial.layer1
+            scale = 1.0 / (last.h_in * last.var_in / last.var_out) ** 0.5
+            messages = self.tp(x[src], sh, self.radial.layer0(radial), last.weight, scale)
         # index_add over all nodes: atoms with no incoming edge (isolated atoms) get exact zeros.
         out = torch.zeros(x.shape[0], self.out_irreps.dim, dtype=messages.dtype, device=messages.device)
         out = out.index_add(0, dst, messages)
@@ -91,6 +112,7 @@ class IrrepConvModel(nn.Module):
         cutoff: float = 6.0,
         degree_norm: float = REFERENCE_DEGREE_NORM,
         num_elements: int = 100,
+        backend: str = "fast",
     ) -> None:
         super().__init__()
         if num_layers < 0:
@@ -100,8 +122,14 @@ class IrrepConvModel(nn.Module):
         self.layout = IrrepsLayout.from_irreps(self.hidden_irreps)
         # padding_idx=0: z = 0 is not an element; its row stays zero as in the reference.
         self.atom_embedding = nn.Embedding(num_elements, atom_dim, padding_idx=0)
+        self.backend = backend
         block_args = dict(
-            l_values=self.l_values, edge_dim=edge_dim, hidden_dim=hidden_dim, cutoff=cutoff, degree_norm=degree_norm
+            l_values=self.l_values,
+            edge_dim=edge_dim,
+            hidden_dim=hidden_dim,
+            cutoff=cutoff,
+            degree_norm=degree_norm,
+            backend=backend,
         )
         self.input_block = InteractionBlock(f"{atom_dim}x0e", **block_args)
         self.blocks = nn.ModuleList(InteractionBlock(self.hidden_irreps, **block_args) for _ in range(num_layers + 1))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class SweepContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    spool_dir: str  # tracking journals of trials whose writes the server could not take
 
 
 def redact(uri: str) -> str:
@@ -67,20 +69,18 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
     config = space.trial_config(trial_overrides(params), seed)
     torch.set_num_threads(max(1, int(space.resources.cpus_per_trial)))
 
+    tracking.fail_fast()
     trial_id = tune.get_context().get_trial_id()
     l_text = ",".join(map(str, config.l_values))
     run = tracking.TrialRun(
         context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
-        run_name=f"{trial_id} l={l_text} h={config.hidden_dim} seed={seed}",
+        run_name=f"{trial_id} l={l_text} h={config.hidden_dim} seed={seed}", spool_dir=Path(context.spool_dir),
     )
     run.log_params(config.flat_params())
     identity = {"l_values": l_text, "hidden_dim": config.hidden_dim, "seed": seed, "mlflow_run_id": run.run_id}
 
     work = Path(tempfile.mkdtemp(prefix=f"irrep-study-{trial_id}-"))
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as saved:
-            shutil.copy(Path(saved) / "checkpoint.pt", work / "checkpoint.pt")
+    resumed = _restore_checkpoint(tune.get_checkpoint(), work, trial_id)
     last_epoch = {}
 
     def on_epoch(metrics) -> None:
@@ -91,7 +91,7 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(work)))
 
     try:
-        result = run_trial(config, work, tensors=tensors, resume=checkpoint is not None, on_epoch=on_epoch)
+        result = run_trial(config, work, tensors=tensors, resume=resumed, on_epoch=on_epoch)
         if result.status == "diverged":
             reason = f"{result.reason} at epoch {result.diverged_epoch}"
             run.finish("diverged", reason)
@@ -111,35 +111,68 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _restore_checkpoint(checkpoint, work: Path, trial_id: str) -> bool:
+    """Copy the trial's last Tune checkpoint into `work`; False when there is none to continue from.
+
+    A driver killed between Ray's experiment snapshot and its next one can leave the snapshot
+    pointing at a checkpoint that `num_to_keep` has since deleted. The trial then starts over
+    (training is seeded, so it logs the same epochs, which the journal does not log twice)
+    instead of failing every retry on the missing file."""
+    if checkpoint is None:
+        return False
+    try:
+        with checkpoint.as_directory() as saved:
+            shutil.copy(Path(saved) / "checkpoint.pt", work / "checkpoint.pt")
+        return True
+    except OSError as problem:
+        print(f"trial {trial_id}: its last checkpoint is unreadable ({problem}); starting it over", file=sys.stderr)
+        return False
+
+
 # ---------------------------------------------------------------------------- the driver
 
 
 class TrackTrialEnds(Callback):
     """Statuses only the driver sees: stopped by ASHA, or failed for good after retries."""
 
-    def __init__(self, tracking_uri: str):
+    def __init__(self, tracking_uri: str, spool_dir: str):
         self.tracking_uri = tracking_uri
+        self.spool_dir = spool_dir
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        if result.get("trial_status") == "running" and result.get("mlflow_run_id"):
-            tracking.finish_run(
-                self.tracking_uri, result["mlflow_run_id"], "stopped_early",
-                f"stopped by the scheduler after epoch {result.get('epoch')}",
-            )
+        if result.get("trial_status") == "running":
+            reason = f"stopped by the scheduler after epoch {result.get('epoch')}"
+            finish_from_driver(self.tracking_uri, self.spool_dir, trial.trial_id, result.get("mlflow_run_id"), "stopped_early", reason)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = (trial.last_result or {}).get("mlflow_run_id")
-        if run_id:
-            tracking.finish_run(self.tracking_uri, run_id, "failed", _error_line(trial))
+        finish_from_driver(self.tracking_uri, self.spool_dir, trial.trial_id, run_id, "failed", _error_line(trial))
+
+
+def finish_from_driver(uri: str, spool_dir: str, trial_id: str, run_id: str | None, status: str, reason: str) -> None:
+    """End a trial's run from the driver; behind the trial's own pending writes if it has any."""
+    spool = tracking.Spool(Path(spool_dir) / f"{trial_id}.jsonl")
+    operation = {"op": "finish", "trial_id": trial_id, "run_id": run_id, "status": status, "reason": reason}
+    if spool.pending() or run_id is None:
+        if spool.path.exists():  # else the trial never got as far as opening a run
+            spool.append(operation)
+            spool.replay(tracking.Replayer(uri))
+        return
+    try:
+        tracking.Replayer(uri).apply(operation)
+    except Exception:
+        spool.append(operation)
 
 
 class ProgressTable(Callback):
     """A table of every trial (l values, seed, epoch, validation MAE, status) on stderr, every few seconds."""
 
-    def __init__(self, every_seconds: float = 10.0):
-        self.every_seconds = every_seconds
+    def __init__(self, every_seconds: float = 10.0, quiet_seconds: float = 120.0):
+        self.every_seconds = every_seconds  # at most this often
+        self.quiet_seconds = quiet_seconds  # and when nothing changed, only this often
         self.last = 0.0
+        self.last_rows: list[dict] = []
 
     @staticmethod
     def rows(trials) -> list[dict]:
@@ -173,8 +206,12 @@ class ProgressTable(Callback):
         Console(stderr=True, width=100).print(table)
 
     def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self.last > self.every_seconds:
-            self.last = time.monotonic()
+        since = time.monotonic() - self.last
+        if since < self.every_seconds:
+            return
+        rows = self.rows(trials)
+        if rows != self.last_rows or since > self.quiet_seconds:
+            self.last, self.last_rows = time.monotonic(), rows
             self.render(trials)
 
     def on_experiment_end(self, trials, **info):
@@ -234,6 +271,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if address is not None and address != "auto":
+        _check_port_open(address)
     # Ray warns on every checkpoint of short trials that snapshots come often; that is by design here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
@@ -246,6 +285,21 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UserError(f"--address {address}: cannot connect to the Ray cluster ({reason})") from None
+
+
+def _check_port_open(address: str, timeout: float = 5.0) -> None:
+    """ray.init waits minutes on an address where nothing listens; a plain TCP connect answers at once."""
+    import socket
+
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected auto, host:port or ray://host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or type(exc).__name__})") from None
 
 
 def check_resources(space: SearchSpace) -> None:
@@ -286,6 +340,7 @@ class SweepOutcome:
     parent_run_id: str
     tracking_uri: str
     trials: list[dict]
+    unsynced: int = 0  # trial journals the tracking server has not taken yet (see `irrep-study sync`)
 
     def to_dict(self) -> dict:
         finished = [t for t in self.trials if t.get("test_mae_meV") is not None]
@@ -298,6 +353,7 @@ class SweepOutcome:
             "tracking_uri": redact(self.tracking_uri),
             "trials": self.trials,
             "best": best,
+            "unsynced_trials": self.unsynced,
         }
 
 
@@ -317,6 +373,7 @@ def run_sweep(
 
     storage = Path(storage).resolve()
     base = space.base
+    tracking.fail_fast()
     if resume:
         path = _latest_unfinished(storage, space.name)
         if path is None:
@@ -327,18 +384,26 @@ def run_sweep(
         log(f"resuming {path.name}: MLflow experiment {experiment!r}, parent run {parent_run_id}")
     else:
         path = storage / f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
-        parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params())
+        try:
+            experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
+            parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params())
+        except tracking.TrackingError:
+            raise
+        except Exception as exc:
+            raise tracking.TrackingError(
+                f"--tracking-uri {redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
+            ) from None
         path.mkdir(parents=True, exist_ok=False)
         _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=False)
         log(f"sweep {path.name}: {space.total_trials} trials; MLflow experiment {experiment!r}, parent run {parent_run_id}")
 
-    context = SweepContext(space.model_dump(mode="json"), tracking_uri, experiment_id, parent_run_id)
+    spool_dir = path / "tracking_journal"
+    context = SweepContext(space.model_dump(mode="json"), tracking_uri, experiment_id, parent_run_id, str(spool_dir))
     trainable = tune.with_resources(
         tune.with_parameters(run_sweep_trial, tensors=tensors, context=context),
         {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial},
     )
-    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri)] + ([ProgressTable()] if show_progress else [])
+    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri, str(spool_dir))] + ([ProgressTable()] if show_progress else [])
     if resume:
         # The run config, callbacks included, comes back from Ray's saved experiment state.
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -354,6 +419,10 @@ def run_sweep(
                 scheduler=_scheduler(space, base.epochs),
                 num_samples=num_samples,
                 max_concurrent_trials=space.resources.max_concurrent,
+                # A new worker process per trial pays torch's and e3nn's imports again (about 10 s on
+                # 2 cores, far longer than a short trial); a reused one keeps them. Trials share no
+                # state through it: each builds its own model, generators and tracking client.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=path.name,
@@ -366,12 +435,7 @@ def run_sweep(
         )
     results = tuner.fit()
 
-    orphans = tracking.end_orphaned_runs(
-        tracking_uri, experiment_id, parent_run_id,
-        "interrupted: the sweep's driver stopped before Ray Tune saved this trial, so the resumed sweep did not continue it",
-    )
-    if orphans:
-        log(f"marked {orphans} trial run(s) that the interrupted driver left behind as interrupted")
+    unsynced = finish_tracking(tracking_uri, path, experiment_id, parent_run_id, log)
     trials = []
     for result in results:
         metrics = result.metrics or {}
@@ -389,9 +453,53 @@ def run_sweep(
             "val_mae_meV": _finite(metrics.get(METRIC)),
             "test_mae_meV": _finite(metrics.get("test_mae_meV")),
         })
-    tracking.finish_run(tracking_uri, parent_run_id, "completed")
     _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=True)
-    return SweepOutcome(path, experiment, experiment_id, parent_run_id, tracking_uri, trials)
+    if not unsynced:
+        unsynced = finish_tracking(tracking_uri, path, experiment_id, parent_run_id, log, final=True)
+    return SweepOutcome(path, experiment, experiment_id, parent_run_id, tracking_uri, trials, unsynced)
+
+
+def finish_tracking(uri: str, path: Path, experiment_id: str, parent_run_id: str,
+                    log: Callable[[str], None], final: bool = False) -> int:
+    """Replay the trials' journals; once all are in, end orphaned trial runs and the parent run.
+
+    Returns how many trial journals are still pending (the server is unreachable)."""
+    complete, pending = tracking.sync_spools(uri, path / "tracking_journal")
+    if complete:
+        log(f"wrote the tracking journals of {complete} trial(s) to MLflow")
+    if pending:
+        log(f"the tracking server took no writes for {pending} trial(s); their journals wait in "
+            f"{path / 'tracking_journal'}: run `irrep-study sync` once it is back")
+        return pending
+    if final:
+        try:
+            orphans = tracking.end_orphaned_runs(
+                uri, experiment_id, parent_run_id,
+                "interrupted: the sweep's driver stopped before Ray Tune saved this trial, so the resumed sweep did not continue it",
+            )
+            if orphans:
+                log(f"marked {orphans} trial run(s) that an interrupted driver left behind as interrupted")
+            tracking.finish_run(uri, parent_run_id, "completed")
+        except Exception as exc:
+            log(f"could not close the sweep's parent run ({type(exc).__name__}); `irrep-study sync` will")
+            return 1
+    return 0
+
+
+def sync_sweeps(uri: str, storage: Path, experiment: str, log: Callable[[str], None]) -> dict:
+    """`irrep-study sync`: write what the sweeps of `experiment` in `storage` could not log."""
+    folders = []
+    for marker in sorted(Path(storage).glob(f"*/{SWEEP_FILE}")):
+        state = json.loads(marker.read_text())
+        if state.get("experiment") == experiment:
+            folders.append((marker.parent, state))
+    if not folders:
+        raise UserError(f"--experiment: no sweep of experiment {experiment!r} in {storage}")
+    pending = 0
+    for folder, state in folders:
+        left = finish_tracking(uri, folder, state["experiment_id"], state["parent_run_id"], log, final=state.get("finished", False))
+        pending += left
+    return {"sweeps": len(folders), "pending": pending}
 
 
 def _finite(value: Any) -> float | None:

@@ -17,7 +17,9 @@ Names other parts rely on (see DESIGN.md):
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +73,13 @@ def _quick_failure() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def fail_fast() -> None:
+    """In sweep processes an unreachable tracking server must cost seconds, not MLflow's default
+    minutes of retries: what cannot be written goes to the trial's journal and is replayed later."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
 
 
 def client(uri: str):
@@ -139,52 +148,192 @@ def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) ->
 
 
 class TrialRun:
-    """The MLflow child run of one trial, found again by trial id after a retry or `--resume`."""
+    """The MLflow child run of one trial, found again by trial id after a retry or `--resume`.
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str):
+    Every write is an idempotent operation. When the tracking server cannot take one, it and all
+    later ones of this trial go, in order, to a journal (`spool_dir/<trial id>.jsonl`, artifacts
+    copied beside it) and are replayed at the next write, at the end of the sweep, or by
+    `irrep-study sync`. Training never waits for the server."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
+                 spool_dir: Path | None = None):
         self.uri = uri
-        self.client = client(uri)
-        existing = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        self.trial_id = trial_id
+        self.spool = Spool(spool_dir / f"{trial_id}.jsonl") if spool_dir is not None else None
+        self.replayer = Replayer(uri)
+        self._apply({"op": "open", "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                     "trial_id": trial_id, "run_name": run_name})
+
+    @property
+    def run_id(self) -> str | None:
+        return self.replayer.run_ids.get(self.trial_id)
+
+    def _apply(self, operation: dict) -> None:
+        if self.run_id is not None:
+            operation["run_id"] = self.run_id  # so a journal that starts after `open` can be replayed alone
+        if self.spool is not None and self.spool.pending():
+            self.spool.append(operation)
+            self.spool.replay(self.replayer)
+            return
+        try:
+            self.replayer.apply(operation)
+        except Exception:
+            if self.spool is None:
+                raise
+            self.spool.append(operation)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._apply({"op": "params", "trial_id": self.trial_id, "params": params})
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._apply({"op": "epoch", "trial_id": self.trial_id, "epoch": epoch, "metrics": metrics,
+                     "timestamp": int(time.time() * 1000)})
+
+    def log_final(self, metrics: dict[str, float], out_dir: Path) -> None:
+        files = [str(out_dir / name) for name in TRIAL_ARTIFACTS if (out_dir / name).exists()]
+        if self.spool is not None:
+            # The trial's folder is deleted after the trial: keep copies the journal can point to.
+            files = self.spool.keep_files(files)
+        self._apply({"op": "final", "trial_id": self.trial_id, "metrics": metrics, "files": files,
+                     "timestamp": int(time.time() * 1000)})
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        self._apply({"op": "finish", "trial_id": self.trial_id, "status": status, "reason": reason})
+
+
+class Replayer:
+    """Applies journal operations to MLflow; each one is idempotent, so replaying twice is harmless."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.run_ids: dict[str, str] = {}  # trial id -> MLflow run id
+        self._logged_epochs: dict[str, set[int]] = {}
+
+    def _run_id(self, operation: dict) -> str:
+        return operation.get("run_id") or self.run_ids[operation["trial_id"]]
+
+    def apply(self, operation: dict) -> None:
+        from mlflow.entities import Metric
+
+        mlflow_client = client(self.uri)
+        kind = operation["op"]
+        if kind == "open":
+            self._open(operation)
+        elif kind == "params":
+            run_id = self._run_id(operation)
+            # Params are immutable in MLflow: log them once, on the first attempt.
+            if not mlflow_client.get_run(run_id).data.params:
+                log_params(self.uri, run_id, operation["params"])
+        elif kind == "epoch":
+            run_id, epoch = self._run_id(operation), operation["epoch"]
+            if run_id not in self._logged_epochs:
+                history = mlflow_client.get_metric_history(run_id, "val_mae_meV")
+                self._logged_epochs[run_id] = {metric.step for metric in history}
+            if epoch in self._logged_epochs[run_id]:
+                return  # an earlier attempt of this trial logged it already
+            stamp = operation["timestamp"]
+            metrics = [Metric(k, float(v), stamp, epoch) for k, v in operation["metrics"].items()]
+            mlflow_client.log_batch(run_id, metrics=metrics)
+            self._logged_epochs[run_id].add(epoch)
+        elif kind == "final":
+            run_id = self._run_id(operation)
+            if "test_mae_meV" not in mlflow_client.get_run(run_id).data.metrics:
+                stamp = operation["timestamp"]
+                metrics = [Metric(k, float(v), stamp, 0) for k, v in operation["metrics"].items()]
+                mlflow_client.log_batch(run_id, metrics=metrics)
+            for path in operation["files"]:
+                mlflow_client.log_artifact(run_id, path)  # same name: overwritten, not duplicated
+        elif kind == "finish":
+            finish_run(self.uri, self._run_id(operation), operation["status"], operation.get("reason"))
+        else:
+            raise ValueError(f"unknown journal operation {kind!r}")
+
+    def _open(self, operation: dict) -> None:
+        mlflow_client = client(self.uri)
+        parent, trial_id = operation["parent_run_id"], operation["trial_id"]
+        existing = mlflow_client.search_runs(
+            [operation["experiment_id"]],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
             max_results=1,
         )
         if existing:
-            self.run_id = existing[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, STATUS_TAG, "running")
+            run_id = existing[0].info.run_id
+            if existing[0].info.status != "RUNNING":
+                mlflow_client.update_run(run_id, status="RUNNING")
+            mlflow_client.set_tag(run_id, STATUS_TAG, "running")
         else:
-            tags = {PARENT_TAG: parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id, STATUS_TAG: "running"}
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        # Epochs already logged by an earlier attempt of this trial are not logged twice.
-        history = self.client.get_metric_history(self.run_id, "val_mae_meV")
-        self.logged_epochs = {metric.step for metric in history}
+            tags = {PARENT_TAG: parent, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id, STATUS_TAG: "running"}
+            run_id = mlflow_client.create_run(operation["experiment_id"], run_name=operation["run_name"], tags=tags).info.run_id
+        self.run_ids[trial_id] = run_id
 
-    def log_params(self, params: dict[str, str]) -> None:
-        # Params are immutable in MLflow: log them once, on the first attempt.
-        if not self.client.get_run(self.run_id).data.params:
-            log_params(self.uri, self.run_id, params)
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+class Spool:
+    """An append-only journal of tracking operations not yet accepted by the server."""
 
-        if epoch in self.logged_epochs:
-            return
-        stamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, epoch) for k, v in metrics.items()])
-        self.logged_epochs.add(epoch)
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.done_path = self.path.with_suffix(".done")
 
-    def log_final(self, metrics: dict[str, float], out_dir: Path) -> None:
-        from mlflow.entities import Metric
+    def _lines(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-        stamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
-        for name in TRIAL_ARTIFACTS:
-            if (out_dir / name).exists():
-                self.client.log_artifact(self.run_id, str(out_dir / name))
+    def _done(self) -> int:
+        try:
+            return int(self.done_path.read_text())
+        except (OSError, ValueError):
+            return 0
 
-    def finish(self, status: str, reason: str | None = None) -> None:
-        finish_run(self.uri, self.run_id, status, reason)
+    def pending(self) -> bool:
+        return len(self._lines()) > self._done()
+
+    def append(self, operation: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(operation) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def keep_files(self, files: list[str]) -> list[str]:
+        folder = self.path.with_suffix("")
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for name in files:
+            target = folder / Path(name).name
+            shutil.copy(name, target)
+            kept.append(str(target))
+        return kept
+
+    def replay(self, replayer: Replayer) -> bool:
+        """Apply what is pending, in order; stop at the first failure. True when nothing is left.
+
+        The `open` operation is always re-applied first: the replayer needs the run id."""
+        lines, done = self._lines(), self._done()
+        for index, operation in enumerate(lines):
+            if index < done and operation["op"] != "open":
+                continue
+            try:
+                replayer.apply(operation)
+            except Exception:
+                return False
+            if index >= done:
+                self.done_path.write_text(str(index + 1))
+        return True
+
+
+def sync_spools(uri: str, spool_dir: Path) -> tuple[int, int]:
+    """Replay every trial journal under `spool_dir`; (journals now complete, journals still pending)."""
+    complete = pending = 0
+    for path in sorted(Path(spool_dir).glob("*.jsonl")):
+        spool = Spool(path)
+        if not spool.pending():
+            continue
+        if spool.replay(Replayer(uri)):
+            complete += 1
+        else:
+            pending += 1
+    return complete, pending
 
 
 def child_runs(uri: str, experiment_id: str, parent_run_id: str | None = None, filter_string: str = "") -> list:

@@ -124,6 +124,7 @@ def build_model(config: TrialConfig) -> IrrepConvModel:
         edge_dim=config.edge_dim,
         cutoff=config.cutoff,
         degree_norm=config.degree_norm,
+        backend=config.backend,
     )
 
 
@@ -194,6 +195,10 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+class _NonFinite(Exception):
+    """Training produced a non-finite number; the trial diverged."""
+
+
 def _train_epoch(model, optimizer, data: TrialData, loader, device, dtype, on_batch) -> float:
     model.train()
     total, count = 0.0, 0
@@ -202,9 +207,14 @@ def _train_epoch(model, optimizer, data: TrialData, loader, device, dtype, on_ba
         target = (batch.y[:, data.target_column].to(dtype) - data.target_mean) / data.target_std
         loss = F.mse_loss(model(batch), target)
         if not torch.isfinite(loss):
-            return float("nan")
+            raise _NonFinite("non-finite training loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Exploding gradients show up here before the loss does; stepping with them would write
+        # inf/NaN into every weight.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if not torch.isfinite(grad_norm):
+            raise _NonFinite("non-finite gradient")
         optimizer.step()
         total += loss.item() * batch.num_graphs
         count += batch.num_graphs
@@ -235,7 +245,10 @@ def run_trial(
     state = None
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        if state["config"] != config.model_dump(mode="json"):
+        # The backend is not part of the function being trained: resuming with the other one is
+        # exact, and checkpoints written before the field existed lack it.
+        saved = {k: v for k, v in state["config"].items() if k != "backend"}
+        if saved != config.model_dump(mode="json", exclude={"backend"}):
             raise UserError(f"{checkpoint_path}: written by a different config; use another output folder")
     elif checkpoint_path.exists():
         raise UserError(f"{out_dir}: holds a checkpoint already; pass --resume to continue it or choose another folder")
@@ -283,16 +296,17 @@ def run_trial(
             if progress is not None:
                 progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
 
-        train_loss = _train_epoch(model, optimizer, data, train_loader, device, dtype, on_batch)
-        val_mae, norm_share = math.nan, {}
-        if math.isfinite(train_loss):
+        try:
+            train_loss = _train_epoch(model, optimizer, data, train_loader, device, dtype, on_batch)
             val_predictions, val_targets, norm_share = evaluate(model, val_loader, data, device, dtype)
             val_mae = mae_milli(val_predictions, val_targets)
-        train_seconds += time.perf_counter() - started
-        if not (math.isfinite(train_loss) and math.isfinite(val_mae)):
-            result.status, result.diverged_epoch = "diverged", epoch
-            result.reason = "non-finite training loss" if not math.isfinite(train_loss) else "non-finite validation error"
+            if not math.isfinite(val_mae):
+                raise _NonFinite("non-finite validation error")
+        except _NonFinite as problem:
+            train_seconds += time.perf_counter() - started
+            result.status, result.diverged_epoch, result.reason = "diverged", epoch, str(problem)
             break
+        train_seconds += time.perf_counter() - started
         metrics = EpochMetrics(epoch, train_loss, val_mae, norm_share)
         history.append(metrics)
         if val_mae < best_val:

@@ -126,7 +126,8 @@ def test_killed_driver_then_resume_completes_the_study_without_duplicate_runs(qm
             os.killpg(second.pid, signal.SIGKILL)
     assert second.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
     report = json.loads(stdout)
-    assert len(report["trials"]) == 3 and all(t["status"] == "completed" for t in report["trials"])
+    assert len(report["trials"]) == 3 and all(t["status"] == "completed" for t in report["trials"]), (
+        report["trials"], (tmp_path / "sweep.log").read_text()[-4000:])
 
     client, runs = trial_runs(tmp_path, "driver-kill")
     finished = [r for r in runs if r.info.run_id in {t["mlflow_run_id"] for t in report["trials"]}]
@@ -143,3 +144,106 @@ def test_killed_driver_then_resume_completes_the_study_without_duplicate_runs(qm
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_mlflow_outage_mid_sweep_is_journaled_and_synced_afterwards(qm9, qm9_cache_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.services import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "outage",
+        "trial": {**TRIAL, "subset": 1500, "epochs": 5},
+        "search": {"method": "grid", "grid": [{"l_values": [0, 1]}, {"l_values": [0, 2]}]},
+        "scheduler": {"type": "none"},
+        "resources": {"max_concurrent": 1},
+    }))
+    client = MlflowClient(server.uri)
+    sweep = start_sweep(space, tmp_path, qm9_cache_dir, "--tracking-uri", server.uri)
+    try:
+        def first_epoch_logged():
+            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            experiment = client.get_experiment_by_name("outage")
+            if experiment is None:
+                return False
+            runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+            return bool(runs) and bool(epochs_logged(client, runs[0]))
+
+        wait_until(first_epoch_logged, 300, "the first logged epoch")
+        server.stop()  # the tracking server goes away mid-sweep; training must go on
+        stdout, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+        server.stop()
+    assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert stdout.lstrip().startswith("{"), stdout[:1500]
+    report = json.loads(stdout)
+    assert [t["status"] for t in report["trials"]] == ["completed", "completed"]
+    assert report["unsynced_trials"] >= 1
+
+    server.start()  # back, with the same store
+    try:
+        env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir)}
+        synced = subprocess.run(
+            [sys.executable, "-m", "study.cli", "sync", "--experiment", "outage", "--tracking-uri", server.uri, "--json"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert synced.returncode == 0, synced.stderr
+        assert synced.stdout.lstrip().startswith("{"), (synced.stdout, synced.stderr)
+        assert json.loads(synced.stdout)["pending"] == 0
+
+        experiment = client.get_experiment_by_name("outage")
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+        # What a sweep without the outage logs: two runs, each epoch once, final metrics, artifacts.
+        assert len(runs) == 2
+        for run in runs:
+            assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "completed"
+            assert epochs_logged(client, run) == [1, 2, 3, 4, 5]
+            assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 5
+            assert {"test_mae_meV", "num_params", "train_seconds"} <= set(run.data.metrics)
+            assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "test_embeddings.npz"}
+            assert run.data.params["l_values"] in ("0,1", "0,2")
+        parent = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")[0]
+        assert parent.info.status == "FINISHED"
+    finally:
+        server.stop()
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_trial(run_cli, tmp_path):
+    from tests.services import free_port
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "nowhere", "trial": {**TRIAL, "subset": 300, "epochs": 1},
+        "search": {"method": "grid", "grid": [{"l_values": [0]}]},
+    }))
+    started = time.monotonic()
+    result = run_cli("sweep", str(space), "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2 and "tracking server unreachable" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_diverging_trial_ends_diverged_with_its_reason_and_the_sweep_goes_on(run_cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "diverge", "trial": {**TRIAL, "subset": 300, "epochs": 2},
+        "search": {"method": "grid", "grid": [{"l_values": [0, 1], "lr": 1.0e6}, {"l_values": [0, 1]}]},
+        "scheduler": {"type": "none"}, "resources": {"max_concurrent": 1},
+    }))
+    result = run_cli("sweep", str(space), "--num-cpus", "1", "--json", check_exit=0)
+    trials = json.loads(result.stdout)["trials"]
+    assert sorted(t["status"] for t in trials) == ["completed", "diverged"]
+    client, runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), None
+    experiment = client.get_experiment_by_name("diverge")
+    runs = {r.data.params["lr"]: r for r in client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")}
+    diverged = runs["1000000.0"]
+    assert diverged.data.tags[STATUS_TAG] == "diverged" and diverged.info.status == "FAILED"
+    assert "non-finite" in diverged.data.tags["irrep_study.reason"] and "epoch 1" in diverged.data.tags["irrep_study.reason"]
+    assert runs["0.001"].data.tags[STATUS_TAG] == "completed"

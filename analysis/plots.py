@@ -1,0 +1,153 @@
+"""The analysis figures, as PNG files (matplotlib, headless Agg backend).
+
+Pictures complement the numbers of correlations.csv; none of them is the evidence on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: analysis runs on servers and in CI without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+DPI = 110
+
+
+def block_order(names) -> list[str]:
+    """l0, l1, ... by order, then the pseudo-blocks lgt0 and joint."""
+    def key(name: str):
+        if name.startswith("l") and name[1:].isdigit():
+            return (0, int(name[1:]))
+        return (1, 0 if name == "lgt0" else 1)
+
+    return sorted(set(names), key=key)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def umap_figure(
+    title: str, projections: dict[str, np.ndarray], nsps: np.ndarray, abs_error_meV: np.ndarray, path: Path
+) -> Path:
+    """One row per block: its 2D UMAP coloured by nSPS (left) and by absolute error (right)."""
+    names = list(projections)
+    fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.2 * len(names)), squeeze=False)
+    # Errors are heavy-tailed: a log colour scale keeps the many small errors distinguishable.
+    error = np.maximum(np.asarray(abs_error_meV, dtype=np.float64), 1e-3)
+    for row, name in enumerate(names):
+        xy = projections[name]
+        for col, (values, label, kwargs) in enumerate(
+            [
+                (nsps, "nSPS", {"cmap": "viridis"}),
+                (error, "|error| (meV)", {"cmap": "magma", "norm": matplotlib.colors.LogNorm()}),
+            ]
+        ):
+            ax = axes[row, col]
+            finite = np.isfinite(values)
+            if (~finite).any():
+                ax.scatter(xy[~finite, 0], xy[~finite, 1], s=6, c="lightgrey", linewidths=0)
+            points = ax.scatter(xy[finite, 0], xy[finite, 1], c=values[finite], s=6, linewidths=0, **kwargs)
+            fig.colorbar(points, ax=ax, label=label)
+            ax.set_title(f"{name}: {label}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def score_scatter_figure(scores: pd.DataFrame, correlations: pd.DataFrame, path: Path, top: int = 9) -> Path | None:
+    """Rank of score vs rank of test MAE for the most significant correlations, each with its rank fit.
+
+    In rank space the least-squares line has slope rho (Spearman), so the line is the fit whose
+    strength the table reports; the title gives rho, its 95% CI and n.
+    """
+    candidates = correlations[np.isfinite(correlations["rho"])].copy()
+    if candidates.empty:
+        return None
+    # Most significant first; among equal p-values (common with few trials) the larger |rho|.
+    candidates["abs_rho"] = candidates["rho"].abs()
+    candidates = candidates.sort_values(["p_rho", "abs_rho"], ascending=[True, False], kind="stable").head(top)
+    cols = min(3, len(candidates))
+    rows = math.ceil(len(candidates) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(candidates):]:
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.flat, candidates.iterrows()):
+        group = scores[(scores["block"] == row["block"]) & (scores["score"] == row["score"])]
+        group = group[np.isfinite(group["value"]) & np.isfinite(group["test_mae_meV"])]
+        rx, ry = stats.rankdata(group["value"]), stats.rankdata(group["test_mae_meV"])
+        ax.scatter(rx, ry, s=18)
+        slope, intercept = np.polyfit(rx, ry, 1)
+        grid = np.linspace(rx.min(), rx.max(), 2)
+        ax.plot(grid, slope * grid + intercept, color="crimson")
+        ax.set_xlabel(f"rank of {row['score']}", fontsize=8)
+        ax.set_ylabel("rank of test MAE", fontsize=8)
+        interval = (
+            f"[{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if np.isfinite(row["rho_lo"]) else "(too few trials for a CI)"
+        )
+        ax.set_title(f"{row['block']} {row['score']}\nrho={row['rho']:.2f} {interval} n={row['n']}", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
+    """Spearman rho of every score (rows) and block (columns) with test MAE; blank where undefined."""
+    if correlations.empty:
+        return None
+    table = correlations.pivot(index="score", columns="block", values="rho")
+    table = table[block_order(table.columns)]
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3, 0.45 * table.shape[0] + 1.5))
+    cmap = matplotlib.colormaps["RdBu_r"].copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(table.to_numpy(dtype=float)), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns, fontsize=8)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
+    for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, label="Spearman rho with test MAE")
+    ax.set_title("score vs test error across trials (grey: undefined, e.g. constant score)", fontsize=9)
+    return _save(fig, path)
+
+
+def norm_share_figure(histories: list[tuple[str, float, dict[str, list[tuple[int, float]]]]], path: Path) -> Path | None:
+    """Per l, the logged share of the validation embeddings' squared norm by epoch, one line per trial.
+
+    ``histories``: (label, test MAE, metric history) per trial; lines coloured by test MAE.
+    """
+    orders = sorted(
+        {int(name.removeprefix("norm_share_l")) for _, _, history in histories for name in history if name.startswith("norm_share_l")}
+    )
+    if not orders:
+        return None
+    errors = np.asarray([mae for _, mae, _ in histories], dtype=float)
+    norm = matplotlib.colors.Normalize(vmin=np.nanmin(errors), vmax=max(np.nanmax(errors), np.nanmin(errors) + 1e-9))
+    cmap = matplotlib.colormaps["viridis"]
+    cols = min(3, len(orders))
+    rows = math.ceil(len(orders) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols + 1, 3.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(orders):]:
+        ax.axis("off")
+    for ax, l in zip(axes.flat, orders):
+        for _, mae, history in histories:
+            points = history.get(f"norm_share_l{l}")
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, color=cmap(norm(mae)), marker="o", markersize=2, linewidth=1)
+        ax.set_title(f"l = {l}", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("share of squared norm", fontsize=8)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), label="test MAE (meV)")
+    return _save(fig, path)

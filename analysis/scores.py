@@ -1,0 +1,263 @@
+"""Per-irrep scores of one trial's test-set graph embedding: how much each block is used, and how
+much structure it carries. Every score reads only rotation-invariant features (analysis/features.py).
+
+Scores per block (``l0``, ``l1``, ..., ``lgt0`` = all l >= 1, ``joint`` = everything):
+
+utilization
+- ``norm_share``: the block's share of the embedding's squared norm, summed over molecules.
+- ``variance_share``: the block's share of the variance across molecules of the channel
+  magnitudes (l = 0 scalars, l >= 1 channel norms); a large block that is the same for every
+  molecule has a high norm share but a low variance share.
+- ``participation_ratio`` (sum lambda)^2 / sum lambda^2 and ``effective_rank`` exp(entropy of
+  lambda / sum lambda), of the eigenvalues lambda of the channel second-moment matrix
+  (features.channel_second_moment): how many independent channel directions the block uses.
+- ``dead_fraction``: share of the block's channels whose RMS magnitude is below
+  ``dead_tolerance`` times that of the strongest channel of the whole embedding.
+
+structure (on a seeded subsample of at most ``max_molecules`` molecules)
+- ``probe_r2_target`` / ``probe_r2_nsps``: cross-validated R^2 of a ridge regression from the
+  block's standardized invariant features to the target / to nSPS (<= 0: no linear signal).
+- ``knn_target`` / ``knn_nsps``: 1 - mean |y_i - y_j| over each molecule's k nearest neighbours
+  in the block / mean |y_a - y_b| over all pairs: 0 = neighbours are no more alike than random
+  pairs, 1 = neighbours have identical values.
+- ``umap_trustworthiness``: sklearn's trustworthiness of the block's 2D UMAP projection (how
+  faithfully the picture that the paper judged by eye keeps the block's neighbourhoods).
+
+Functional scores (knockouts) come from analysis/knockout.py and need the model's weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.features import (
+    AnalysisBlock,
+    analysis_blocks,
+    channel_magnitudes,
+    channel_second_moment,
+    channels_of,
+    standardized_features,
+)
+from study.irreps import IrrepsLayout
+
+UTILIZATION_SCORES = ("norm_share", "variance_share", "participation_ratio", "effective_rank", "dead_fraction")
+STRUCTURE_SCORES = ("probe_r2_target", "probe_r2_nsps", "knn_target", "knn_nsps", "umap_trustworthiness")
+FUNCTIONAL_SCORES = ("knockout_all_meV", "knockout_last_meV")
+ALL_SCORES = UTILIZATION_SCORES + STRUCTURE_SCORES + FUNCTIONAL_SCORES
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    seed: int = 0
+    max_molecules: int | None = 2000  # structure scores: UMAP and trustworthiness are O(N^2)-ish
+    knn_k: int = 10
+    cv_folds: int = 5
+    umap_neighbors: int = 15
+    trust_neighbors: int = 10
+    dead_tolerance: float = 1e-3
+    umap: bool = True
+
+
+@dataclass
+class EmbeddingScores:
+    """Scores of one embedding, and the 2D UMAP coordinates behind ``umap_trustworthiness``."""
+
+    values: dict[str, dict[str, float]]  # block name -> score name -> value
+    sample: np.ndarray  # rows of the embedding used by the structure scores
+    umap: dict[str, np.ndarray] = field(default_factory=dict)  # block name -> [len(sample), 2]
+
+
+# ---------------------------------------------------------------------------- utilization
+
+
+def _squared_norm(embedding: np.ndarray, unit: AnalysisBlock) -> float:
+    return float(sum(np.square(channels_of(embedding, block)).sum() for block in unit.members))
+
+
+def _magnitude_variance(embedding: np.ndarray, unit: AnalysisBlock) -> float:
+    return float(sum(channel_magnitudes(embedding, block).var(axis=0).sum() for block in unit.members))
+
+
+def _eigenvalues(embedding: np.ndarray, unit: AnalysisBlock) -> np.ndarray:
+    # Cross-l inner products are not invariant, so a pseudo-block's second-moment matrix is
+    # block-diagonal over its members: its spectrum is the union of theirs.
+    values = [np.linalg.eigvalsh(channel_second_moment(embedding, block)) for block in unit.members]
+    return np.clip(np.concatenate(values), 0.0, None)
+
+
+def participation_ratio(eigenvalues: np.ndarray) -> float:
+    total = float(eigenvalues.sum())
+    if total <= 0:
+        return 0.0
+    return total**2 / float(np.square(eigenvalues).sum())
+
+
+def effective_rank(eigenvalues: np.ndarray) -> float:
+    total = float(eigenvalues.sum())
+    if total <= 0:
+        return 0.0
+    p = eigenvalues[eigenvalues > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _channel_rms(embedding: np.ndarray, unit: AnalysisBlock) -> np.ndarray:
+    return np.concatenate(
+        [np.sqrt(np.square(channels_of(embedding, block)).sum(axis=-1).mean(axis=0)) for block in unit.members]
+    )
+
+
+def local_utilization(embedding: np.ndarray, unit: AnalysisBlock, reference_rms: float, dead_tolerance: float) -> dict[str, float]:
+    """The utilization scores that need nothing but the block itself (and a dead-channel scale)."""
+    eigenvalues = _eigenvalues(embedding, unit)
+    rms = _channel_rms(embedding, unit)
+    return {
+        "participation_ratio": participation_ratio(eigenvalues),
+        "effective_rank": effective_rank(eigenvalues),
+        "dead_fraction": float((rms <= dead_tolerance * reference_rms).mean()),
+    }
+
+
+# ---------------------------------------------------------------------------- structure
+
+
+def mean_pair_difference(values: np.ndarray) -> float:
+    """Mean |y_a - y_b| over all pairs a != b, exactly, in O(N log N)."""
+    y = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(y)
+    if n < 2:
+        return float("nan")
+    weights = 2 * np.arange(n) - n + 1  # y_(i) is the larger of i pairs and the smaller of n-1-i
+    return float((weights * y).sum() / (n * (n - 1) / 2))
+
+
+def knn_consistency(features: np.ndarray, values: np.ndarray, k: int) -> float:
+    """1 - (mean |y_i - y_j| over k nearest neighbours) / (mean over random pairs); see module doc."""
+    from sklearn.neighbors import NearestNeighbors
+
+    keep = np.isfinite(values)
+    features, values = features[keep], values[keep]
+    n = len(values)
+    baseline = mean_pair_difference(values)
+    if n < 3 or not baseline > 0:
+        return float("nan")
+    if not np.any(features):
+        return 0.0  # a block that is zero everywhere has no neighbourhoods: no information
+    k = min(k, n - 1)
+    # kneighbors() without X leaves each point out of its own neighbour list, even with duplicates.
+    neighbours = NearestNeighbors(n_neighbors=k).fit(features).kneighbors(return_distance=False)
+    local = np.abs(values[:, None] - values[neighbours]).mean()
+    return float(1.0 - local / baseline)
+
+
+def probe_r2(features: np.ndarray, values: np.ndarray, folds: int, seed: int) -> float:
+    """Mean cross-validated R^2 of a ridge regression (regularisation chosen inside each fold)."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_score
+
+    keep = np.isfinite(values)
+    features, values = features[keep], values[keep]
+    folds = min(folds, len(values) // 5)
+    if folds < 2 or not np.std(values) > 0:
+        return float("nan")
+    model = RidgeCV(alphas=np.logspace(-3, 4, 15))
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(np.mean(cross_val_score(model, features, values, cv=cv, scoring="r2")))
+
+
+def umap_projection(features: np.ndarray, neighbors: int, seed: int) -> np.ndarray:
+    """A seeded (so reproducible, single-threaded) 2D UMAP of the features."""
+    import umap  # imported here: it compiles with numba on first use, seconds better not spent on import
+
+    with warnings.catch_warnings():
+        # "n_jobs overridden by random_state" and spectral-init fallbacks on tiny sets are expected.
+        warnings.simplefilter("ignore")
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(neighbors, len(features) - 1), random_state=seed)
+        return np.asarray(reducer.fit_transform(features), dtype=np.float64)
+
+
+def trustworthiness_2d(features: np.ndarray, projection: np.ndarray, neighbors: int) -> float:
+    from sklearn.manifold import trustworthiness
+
+    # sklearn requires n_neighbors < n_samples / 2.
+    k = min(neighbors, (len(features) - 1) // 2)
+    if k < 1:
+        return float("nan")
+    return float(trustworthiness(features, projection, n_neighbors=k))
+
+
+def structure_scores(
+    embedding: np.ndarray, unit: AnalysisBlock, target: np.ndarray, nsps: np.ndarray, settings: ScoreSettings
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Probe, kNN and UMAP scores of one block on the given molecules, and the UMAP coordinates."""
+    features = standardized_features(embedding, unit)
+    scores = {
+        "probe_r2_target": probe_r2(features, target, settings.cv_folds, settings.seed),
+        "probe_r2_nsps": probe_r2(features, nsps, settings.cv_folds, settings.seed),
+        "knn_target": knn_consistency(features, target, settings.knn_k),
+        "knn_nsps": knn_consistency(features, nsps, settings.knn_k),
+        "umap_trustworthiness": float("nan"),
+    }
+    projection = None
+    if settings.umap and np.any(features) and len(features) >= 5:
+        # UMAP's optimisation is chaotic: a 1e-12 difference in its input (float noise from rotating
+        # a molecule, a BLAS with another summation order) gives another picture. Rounding the
+        # unit-variance features to 1e-6 first makes equal invariants give the same projection.
+        rounded = np.round(features, 6)
+        projection = umap_projection(rounded, settings.umap_neighbors, settings.seed)
+        scores["umap_trustworthiness"] = trustworthiness_2d(rounded, projection, settings.trust_neighbors)
+    return scores, projection
+
+
+# ---------------------------------------------------------------------------- one embedding
+
+
+def structure_sample(num_molecules: int, settings: ScoreSettings) -> np.ndarray:
+    """Sorted rows used by the structure scores: all, or a seeded subset of ``max_molecules``."""
+    if settings.max_molecules is None or num_molecules <= settings.max_molecules:
+        return np.arange(num_molecules)
+    rng = np.random.default_rng(settings.seed)
+    return np.sort(rng.choice(num_molecules, size=settings.max_molecules, replace=False))
+
+
+def score_embedding(
+    embedding: np.ndarray,
+    layout: IrrepsLayout,
+    target: np.ndarray,
+    nsps: np.ndarray,
+    settings: ScoreSettings = ScoreSettings(),
+    on_block: Callable[[str], None] | None = None,
+) -> EmbeddingScores:
+    """Every utilization and structure score of every block of one ``[N, layout.dim]`` embedding."""
+    embedding = np.asarray(embedding, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    nsps = np.asarray(nsps, dtype=np.float64)
+    if embedding.shape != (len(target), layout.dim) or len(nsps) != len(target):
+        raise ValueError(
+            f"embedding {embedding.shape}, target {target.shape} and nsps {nsps.shape} do not match layout dim {layout.dim}"
+        )
+    units = analysis_blocks(layout)
+    joint = units[-1]
+    total_squared = _squared_norm(embedding, joint)
+    total_variance = _magnitude_variance(embedding, joint)
+    reference_rms = float(_channel_rms(embedding, joint).max(initial=0.0))
+    sample = structure_sample(len(target), settings)
+    values: dict[str, dict[str, float]] = {}
+    projections: dict[str, np.ndarray] = {}
+    for unit in units:
+        if on_block is not None:
+            on_block(unit.name)
+        scores = {
+            "norm_share": _squared_norm(embedding, unit) / total_squared if total_squared > 0 else float("nan"),
+            "variance_share": _magnitude_variance(embedding, unit) / total_variance if total_variance > 0 else float("nan"),
+            **local_utilization(embedding, unit, reference_rms, settings.dead_tolerance),
+        }
+        structure, projection = structure_scores(embedding[sample], unit, target[sample], nsps[sample], settings)
+        scores.update(structure)
+        if projection is not None:
+            projections[unit.name] = projection
+        values[unit.name] = scores
+    return EmbeddingScores(values=values, sample=sample, umap=projections)

@@ -1,0 +1,355 @@
+"""Training throughput and memory of the two tensor-product backends (``irrep-study bench``).
+
+Each configuration is measured in one process on the same real QM9 batches: both backends hold
+the same parameters (the fast model loads the e3nn model's state dict), warm up, then take turns,
+one training step (forward, backward, AdamW) each, the order flipped every round so that a slow
+phase of a shared machine hits both. Reported per backend: the median step time as molecules/s,
+the useful GFLOP/s of :func:`step_flops`, and the peak memory of one more, untimed step.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the step. On
+CPU torch keeps no allocator statistics, so it is the peak resident set size of the process during
+the step (Linux ``VmHWM``, reset just before, after freed heap pages went back to the system) minus
+the resident size before it: what the step adds at its worst moment (activations kept for the
+backward pass, gradients, temporaries), parameters and optimizer state excluded. Elsewhere CPU
+memory is reported as null.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch_geometric.loader import DataLoader
+
+from study.config import REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD
+from study.data import QM9Dataset, QM9Tensors, split_indices, target_index
+from study.errors import UserError
+from study.fast_tp import fully_connected_paths
+from study.irreps import irreps_for, validate_l_values
+from study.model import BACKENDS, IrrepConvModel
+
+BENCH_FORMAT = 1
+DEFAULT_CASES = ("0,1,2x32", "0-4x16", "0-6x16", "0,3,4,5,6x16", "0,1,2x32:radius")
+QUICK_CASES = ("0,1,2x4", "0,2x2:radius")
+SEED = 21616
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One model configuration to measure: ``"0,3,4,5,6x16"``, ``"0-6x16"``, ``"0,1,2x32:radius"``."""
+
+    l_values: tuple[int, ...]
+    hidden_dim: int
+    edges: str = "bonds"
+    num_layers: int = 3
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.edges == "bonds" else f":{self.edges}"
+        return f"{','.join(map(str, self.l_values))}x{self.hidden_dim}{suffix}"
+
+
+def parse_case(spec: str, num_layers: int = 3) -> BenchCase:
+    """``L x H [:edges]`` with L a comma list of orders or ranges (``0-6``); UserError if malformed."""
+    text = spec.strip()
+    edges = "bonds"
+    if ":" in text:
+        text, edges = text.split(":", 1)
+    if edges not in ("bonds", "radius"):
+        raise UserError(f"--configs {spec}: edges must be 'bonds' or 'radius', got {edges!r}")
+    orders, sep, hidden = text.rpartition("x")
+    if not sep or not hidden.isdigit() or int(hidden) < 1:
+        raise UserError(f"--configs {spec}: expected L_VALUESxHIDDEN[:edges], e.g. 0,1,2x32 or 0-6x16:radius")
+    l_values: list[int] = []
+    try:
+        for part in orders.split(","):
+            first, dash, last = part.strip().partition("-")
+            l_values.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+        l_values = list(validate_l_values(l_values))
+    except ValueError as exc:
+        raise UserError(f"--configs {spec}: {exc}") from None
+    return BenchCase(tuple(l_values), int(hidden), edges, num_layers)
+
+
+def step_flops(model: IrrepConvModel, num_edges: int) -> int:
+    """Arithmetic of one training step of the interaction blocks, counted from their paths.
+
+    Per edge and block, forward: the radial MLP (``2 * edge_dim * H + 2 * H * weight_numel``) and,
+    per path ``(l1, l2) -> l_out`` with multiplicities ``u -> w``, the Clebsch-Gordan coupling
+    (``2 d1 d2 k``), the input contraction (``2 u d1 k``) and the weights (``2 u w k``), with
+    ``d = 2l + 1``. The backward pass is counted as twice the forward, the usual convention.
+    Embedding, spherical harmonics, scatter and readout are left out: under 1% here.
+    """
+    forward = 0
+    for block in [model.input_block, *model.blocks]:
+        hidden = block.radial.hs[1]
+        per_edge = 2 * block.edge_dim * hidden + 2 * hidden * block.tp.weight_numel
+        for path in fully_connected_paths(block.in_irreps, block.sh_irreps, block.out_irreps):
+            d1, d2, k = 2 * path.l1 + 1, 2 * path.l2 + 1, 2 * path.l_out + 1
+            per_edge += 2 * d1 * d2 * k + 2 * path.mul_in1 * d1 * k + 2 * path.mul_in1 * path.mul_out * k
+        forward += per_edge * num_edges
+    return 3 * forward
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 square-matmul rate (GFLOP/s), median of ``repeats`` after a warm-up."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for index in range(repeats + 1):
+        _synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        if index:
+            times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def data_loading_rate(dataset: QM9Dataset, batch_size: int, num_batches: int) -> float:
+    """Molecules/s through the PyG DataLoader as training uses it (shuffled, no workers)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(SEED))
+    molecules = 0
+    started = time.perf_counter()
+    for index, batch in enumerate(loader):
+        molecules += batch.num_graphs
+        if index + 1 == num_batches:
+            break
+    return molecules / (time.perf_counter() - started)
+
+
+class PeakMemory:
+    """Peak memory a block of work adds: CUDA allocator peak, or the Linux process's VmHWM."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._libc = None
+        if device.type == "cpu" and sys.platform.startswith("linux"):
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+                self._status_kib("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self._libc = None
+        self.available = device.type == "cuda" or self._libc is not None
+        self._base = 0
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise OSError(f"no {key} in /proc/self/status")
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self._libc is not None:
+            # Give freed heap pages back first, or the step could reuse them unseen.
+            self._libc.malloc_trim(0)
+            self._base = self._status_kib("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self._base
+        if self._libc is not None:
+            return self._status_kib("VmHWM") * 1024 - self._base
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(tensors: QM9Tensors, case: BenchCase, batch_size: int, count: int, device: torch.device) -> list:
+    indices = split_indices(len(tensors), seed=SEED, fractions=(1.0, 0.0, 0.0), subset=batch_size * count)["train"]
+    dataset = QM9Dataset(tensors, indices, edges=case.edges)
+    return [batch.to(device) for batch in DataLoader(dataset, batch_size=batch_size)]
+
+
+def _models(case: BenchCase, device: torch.device) -> dict[str, IrrepConvModel]:
+    torch.manual_seed(SEED)
+    models = {
+        backend: IrrepConvModel(case.l_values, case.hidden_dim, num_layers=case.num_layers, backend=backend)
+        for backend in BACKENDS
+    }
+    # Same parameters in both: the comparison is of two evaluations of one function.
+    models["fast"].load_state_dict(models["e3nn"].state_dict())
+    return {backend: model.to(device) for backend, model in models.items()}
+
+
+def bench_case(
+    case: BenchCase,
+    tensors: QM9Tensors,
+    repeats: int,
+    warmup: int,
+    batch_size: int,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict:
+    """Time ``repeats`` alternating training steps per backend after ``warmup`` each; see the module doc."""
+    batches = _batches(tensors, case, batch_size, warmup + repeats, device)
+    models = _models(case, device)
+    column = target_index("U0_atom")
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in models.items()}
+    with torch.no_grad():
+        first = {name: model(batches[0]) for name, model in models.items()}
+    difference = float((first["fast"] - first["e3nn"]).abs().max() / first["e3nn"].abs().max())
+
+    def step(name: str, batch) -> None:
+        target = (batch.y[:, column] - REFERENCE_U0_ATOM_MEAN) / REFERENCE_U0_ATOM_STD
+        loss = F.mse_loss(models[name](batch), target)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for index, batch in enumerate(batches):
+        # Flip the order every round: neither backend always runs right after the other.
+        order = list(models) if index % 2 == 0 else list(reversed(models))
+        round_seconds = {}
+        for name in order:
+            _synchronize(device)
+            started = time.perf_counter()
+            step(name, batch)
+            _synchronize(device)
+            round_seconds[name] = time.perf_counter() - started
+            if index >= warmup:
+                seconds[name].append(round_seconds[name])
+        kind = "warm-up" if index < warmup else "step"
+        log(f"  {kind} {index + 1}/{len(batches)}: " + ", ".join(f"{n} {round_seconds[n]:.3f} s" for n in models))
+    # Memory in one more, untimed step each: measuring returns freed pages to the system first,
+    # which would make a timed step pay page faults that training does not.
+    memory = PeakMemory(device)
+    peaks: dict[str, int | None] = {}
+    for name in models:
+        memory.start()
+        step(name, batches[-1])
+        peaks[name] = memory.peak_bytes()
+
+    num_edges = statistics.mean(int(b.edge_index.shape[1]) for b in batches[warmup:])
+    flops = step_flops(models["fast"], round(num_edges))
+    result = {
+        "name": case.name,
+        "l_values": list(case.l_values),
+        "hidden_dim": case.hidden_dim,
+        "num_layers": case.num_layers,
+        "edges": case.edges,
+        "batch_size": batch_size,
+        "mean_atoms_per_batch": statistics.mean(int(b.num_nodes) for b in batches[warmup:]),
+        "mean_edges_per_batch": num_edges,
+        "num_params": sum(p.numel() for p in models["fast"].parameters()),
+        "flops_per_step": flops,
+        "prediction_relative_difference": difference,
+        "backends": {},
+    }
+    for name in models:
+        median = statistics.median(seconds[name])
+        result["backends"][name] = {
+            "step_seconds": seconds[name],
+            "median_step_seconds": median,
+            "molecules_per_s": batch_size / median,
+            "gflops_per_s": flops / median / 1e9,
+            "peak_memory_mb": peaks[name] / 2**20 if peaks[name] is not None else None,
+        }
+    fast, e3nn = result["backends"]["fast"], result["backends"]["e3nn"]
+    result["speedup"] = fast["molecules_per_s"] / e3nn["molecules_per_s"]
+    result["memory_ratio"] = (
+        fast["peak_memory_mb"] / e3nn["peak_memory_mb"] if fast["peak_memory_mb"] and e3nn["peak_memory_mb"] else None
+    )
+    return result
+
+
+def run_bench(
+    tensors: QM9Tensors,
+    cases: Sequence[BenchCase],
+    repeats: int = 5,
+    warmup: int = 1,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    matmul_size: int = 2048,
+    loading_batches: int = 50,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The whole benchmark as one JSON-ready document (format ``BENCH_FORMAT``)."""
+    import e3nn
+
+    device = device or torch.device("cpu")
+    started = time.perf_counter()
+    log(f"matmul reference ({matmul_size}x{matmul_size}, float32)")
+    report = {
+        "format": BENCH_FORMAT,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "e3nn": e3nn.__version__,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "warmup": warmup,
+        "matmul_gflops": matmul_gflops(device, matmul_size),
+        "data_loading": {},
+        "configs": [],
+    }
+    pool = split_indices(len(tensors), seed=SEED, fractions=(1.0, 0.0, 0.0), subset=batch_size * loading_batches)["train"]
+    for edges in sorted({case.edges for case in cases}):
+        rate = data_loading_rate(QM9Dataset(tensors, pool, edges=edges), batch_size, loading_batches)
+        report["data_loading"][edges] = {"molecules_per_s": rate, "batches": loading_batches}
+        log(f"data loading ({edges}): {rate:.0f} molecules/s")
+    for case in cases:
+        log(f"config {case.name} ({case.num_layers} layers, {case.edges} edges)")
+        report["configs"].append(bench_case(case, tensors, repeats, warmup, batch_size, device, log))
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of a :func:`run_bench` report (molecules/s, GFLOP/s, peak MB, ratios)."""
+    lines = [
+        f"device {report['device']} ({report['device_name']}), {report['threads']} threads, batch {report['batch_size']}, "
+        f"median of {report['repeats']} steps after {report['warmup']} warm-up",
+        f"matmul reference: {report['matmul_gflops']:.1f} GFLOP/s (float32)",
+    ]
+    for edges, loading in report["data_loading"].items():
+        lines.append(f"data loading ({edges}): {loading['molecules_per_s']:.0f} molecules/s")
+    header = f"{'config':<18}{'edges/batch':>12}{'GFLOP/step':>11}  {'e3nn mol/s':>11}{'fast mol/s':>11}{'speedup':>9}  " \
+             f"{'e3nn GF/s':>10}{'fast GF/s':>10}  {'e3nn MB':>8}{'fast MB':>8}"
+    lines += ["", header, "-" * len(header)]
+    for config in report["configs"]:
+        e3nn, fast = config["backends"]["e3nn"], config["backends"]["fast"]
+
+        def mb(value: float | None) -> str:
+            return f"{value:8.0f}" if value is not None and math.isfinite(value) else f"{'n/a':>8}"
+
+        lines.append(
+            f"{config['name']:<18}{config['mean_edges_per_batch']:>12.0f}{config['flops_per_step'] / 1e9:>11.2f}  "
+            f"{e3nn['molecules_per_s']:>11.1f}{fast['molecules_per_s']:>11.1f}{config['speedup']:>8.1f}x  "
+            f"{e3nn['gflops_per_s']:>10.2f}{fast['gflops_per_s']:>10.2f}  {mb(e3nn['peak_memory_mb'])}{mb(fast['peak_memory_mb'])}"
+        )
+    return "\n".join(lines)

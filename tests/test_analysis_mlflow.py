@@ -1,0 +1,166 @@
+"""Loading trials back from a real MLflow store, and knockouts from the trials' own weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from mlflow_trials import ANALYSIS_TRIALS, KNOCKOUT_TRIAL, _one_torch_thread, log_trial  # noqa: F401 (autouse fixture)
+from torch_geometric.loader import DataLoader
+
+from analysis.features import analysis_blocks
+from analysis.knockout import trial_knockout, zeroed
+from analysis.load import AnalysisError, load_study
+from study.errors import UserError
+from study.train import build_model, prepare_data
+
+
+def _load(logged_study, **kwargs):
+    return load_study(logged_study.experiment, tracking_uri=logged_study.tracking_uri, **kwargs)
+
+
+def test_load_study_returns_every_completed_trial_with_its_files(logged_study):
+    study = _load(logged_study)
+    assert [t.run_id for t in study.trials] == logged_study.trial_run_ids
+    assert study.skipped == {"stopped_early": 1, "failed": 1}
+    for trial in study.trials:
+        config = logged_study.configs[trial.run_id]
+        assert trial.config == config and trial.params["l_values"] == ",".join(map(str, config.l_values))
+        assert trial.test_mae_meV == pytest.approx(logged_study.results[trial.run_id].test_mae_meV)
+        assert trial.layout.l_values == config.l_values
+        assert trial.embeddings.graph.shape == (len(trial.embeddings.target), trial.layout.dim)
+        assert trial.weights_path.is_file()
+        assert [epoch for epoch, _ in trial.history["val_mae_meV"]] == list(range(1, config.epochs + 1))
+        # The logged per-epoch norm share (when study.train provides it) covers every l of the trial.
+        shares = [name for name in trial.history if name.startswith("norm_share_l")]
+        assert not shares or sorted(shares) == sorted(f"norm_share_l{l}" for l in config.l_values)
+
+
+def test_parent_filter_keeps_one_sweep(logged_study, tmp_path):
+    client = MlflowClient(tracking_uri=logged_study.tracking_uri)
+    other = client.create_run(logged_study.experiment_id, run_name="sweep 2", tags={"irrep_study.role": "sweep"}).info.run_id
+    first = logged_study.trial_run_ids[0]
+    copy = log_trial(
+        client, logged_study.experiment_id, other, logged_study.configs[first], logged_study.trial_dirs[first],
+        logged_study.results[first],
+    )
+    try:
+        assert [t.run_id for t in _load(logged_study, parent_run_id=other).trials] == [copy]
+        assert [t.run_id for t in _load(logged_study, parent_run_id=logged_study.parent_run_id).trials] == logged_study.trial_run_ids
+        assert len(_load(logged_study).trials) == len(logged_study.trial_run_ids) + 1
+    finally:
+        client.delete_run(copy)  # the session's study stays as other tests expect it
+        client.delete_run(other)
+    with pytest.raises(AnalysisError, match="--parent: no run 'nope'"):
+        _load(logged_study, parent_run_id="nope")
+
+
+def test_missing_experiment_is_a_one_line_user_error(logged_study):
+    with pytest.raises(UserError) as caught:
+        load_study("no-such-study", tracking_uri=logged_study.tracking_uri)
+    message = str(caught.value)
+    assert "no experiment named 'no-such-study'" in message and "\n" not in message
+
+
+def _broken_experiment(logged_study, tmp_path, name: str, damage) -> str:
+    """A new experiment holding one completed trial whose files were damaged by `damage(folder)`."""
+    client = MlflowClient(tracking_uri=logged_study.tracking_uri)
+    experiment_id = client.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment_id, run_name="sweep", tags={"irrep_study.role": "sweep"}).info.run_id
+    source = logged_study.trial_run_ids[0]
+    folder = tmp_path / "trial"
+    shutil.copytree(logged_study.trial_dirs[source], folder)
+    damage(folder)
+    return log_trial(client, experiment_id, parent, logged_study.configs[source], folder, logged_study.results[source])
+
+
+def test_a_completed_trial_without_embeddings_is_named_in_one_line(logged_study, tmp_path):
+    run_id = _broken_experiment(logged_study, tmp_path, "no-embeddings", lambda folder: (folder / "test_embeddings.npz").unlink())
+    with pytest.raises(AnalysisError) as caught:
+        load_study("no-embeddings", tracking_uri=logged_study.tracking_uri)
+    message = str(caught.value)
+    assert run_id in message and "no test_embeddings.npz artifact" in message and "\n" not in message
+
+
+def test_embeddings_of_an_unknown_format_version_are_refused(logged_study, tmp_path):
+    def future_version(folder):
+        path = folder / "test_embeddings.npz"
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        meta = json.loads(str(arrays["meta"]))
+        meta["version"] = 99
+        arrays["meta"] = np.asarray(json.dumps(meta))
+        np.savez_compressed(path, **arrays)
+
+    run_id = _broken_experiment(logged_study, tmp_path, "future-embeddings", future_version)
+    with pytest.raises(AnalysisError) as caught:
+        load_study("future-embeddings", tracking_uri=logged_study.tracking_uri)
+    message = str(caught.value)
+    assert run_id in message and "version 99" in message and "not supported" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------- knockouts
+
+
+@pytest.fixture(scope="module")
+def knockout_trial(logged_study):
+    run_id = logged_study.trial_run_ids[KNOCKOUT_TRIAL]
+    return next(t for t in _load(logged_study).trials if t.run_id == run_id)
+
+
+def test_zeroing_l_ge_1_after_the_last_block_changes_nothing_and_zeroing_l0_hurts(knockout_trial, qm9):
+    assert knockout_trial.config.l_values == tuple(ANALYSIS_TRIALS[KNOCKOUT_TRIAL]["l_values"])
+    result = trial_knockout(knockout_trial, qm9)
+    # The recomputed test error is the logged one: same weights, same molecules.
+    assert result.baseline_mae_meV == pytest.approx(knockout_trial.test_mae_meV, rel=1e-5)
+    for name in ("l1", "l2", "lgt0"):
+        # The readout (equivariant linear to 1x0e) has no path from l >= 1: bit-identical predictions.
+        assert np.array_equal(result.predictions[(name, "last")], result.baseline), name
+        assert result.deltas[name]["knockout_last_meV"] == 0.0
+        # Through the tensor products of the blocks, l >= 1 does reach the scalars.
+        assert not np.array_equal(result.predictions[(name, "all")], result.baseline), name
+    # Without l = 0 the readout sees nothing: every prediction is the same constant.
+    for where in ("all", "last"):
+        knocked = result.predictions[("l0", where)]
+        assert np.ptp(knocked) < 1e-9 * max(1.0, abs(knocked[0]))
+        assert result.deltas["l0"][f"knockout_{where}_meV"] > 0.5 * result.baseline_mae_meV
+
+
+def test_knockout_hooks_zero_exactly_the_block_they_name(knockout_trial, qm9):
+    config = knockout_trial.config
+    model = build_model(config)
+    model.load_state_dict(torch.load(knockout_trial.weights_path, weights_only=True))
+    batch = next(iter(DataLoader(prepare_data(config, qm9).test, batch_size=16)))
+    units = {unit.name: unit for unit in analysis_blocks(model.layout)}
+    l1 = units["l1"].members[0]
+    seen = {}
+    # Registered after the knockout's own hooks, these see what the next module receives.
+    with zeroed(model, units["l1"].members, "all"):
+        handles = [
+            module.register_forward_hook(lambda m, i, out, k=k: seen.__setitem__(k, out.detach().clone()))
+            for k, module in enumerate([model.input_block, *model.blocks])
+        ]
+        with torch.no_grad():
+            embedding = model.embed(batch)
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 1 + len(model.blocks)
+    for features in [*seen.values(), *embedding.node_features]:
+        assert torch.all(features[:, l1.start : l1.stop] == 0)
+        assert torch.any(features[:, : l1.start] != 0) and torch.any(features[:, l1.stop :] != 0)
+
+    readout_input = {}
+    with zeroed(model, units["l1"].members, "last"):
+        handle = model.readout.register_forward_pre_hook(lambda m, args: readout_input.__setitem__("x", args[0].clone()))
+        with torch.no_grad():
+            embedding = model.embed(batch)
+        handle.remove()
+    x = readout_input["x"]
+    assert torch.all(x[:, l1.start : l1.stop] == 0)
+    # Only the readout's input is touched: the stored last-block features still hold l = 1.
+    assert torch.any(embedding.node_features[-1][:, l1.start : l1.stop] != 0)
+    assert torch.equal(x[:, : l1.start], embedding.node_features[-1][:, : l1.start])

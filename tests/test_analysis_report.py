@@ -1,0 +1,160 @@
+"""`irrep-study analyze` end to end on real MLflow runs: files, numbers, MLflow run, the report in a browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow_trials import _one_torch_thread, one_torch_thread  # noqa: F401 (autouse fixture)
+
+from analysis.load import load_study
+from analysis.scores import ALL_SCORES
+from study.embeddings import load_embeddings
+
+CHROMIUM = next((path for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(path).exists()), None)
+
+
+@pytest.fixture(scope="module")
+def analyzed(logged_study, qm9_cache_dir, tmp_path_factory):
+    """One real `analyze` command over the session's logged study: (JSON document, output folder, stderr).
+
+    In-process through typer's runner rather than a subprocess: UMAP compiles its numba kernels
+    once per process, and the other analysis tests of this session have already paid for that.
+    (The subprocess path of the console script is covered by the one-line error test below.)
+    """
+    from typer.testing import CliRunner
+
+    from study.cli import app
+
+    out = tmp_path_factory.mktemp("analyze") / "analysis"
+    args = [
+        "analyze", "--experiment", logged_study.experiment, "--tracking-uri", logged_study.tracking_uri,
+        "--out", str(out), "--bootstrap", "300", "--cache-dir", str(qm9_cache_dir), "--json",
+    ]
+    with one_torch_thread():  # a module fixture is set up before the autouse one applies
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+    return json.loads(result.stdout), out, result.stderr
+
+
+def test_analyze_writes_scores_correlations_figures_and_report(analyzed, logged_study):
+    document, out, stderr = analyzed
+    assert document["trials_analysed"] == len(logged_study.trial_run_ids)
+    assert document["trials_skipped"] == {"stopped_early": 1, "failed": 1}
+    assert "4 completed trials" in stderr
+    for name in ("scores", "correlations", "trials", "within_trial", "molecules", "report", "correlation_heatmap", "score_vs_error"):
+        assert Path(document["files"][name]).is_file(), name
+    # UMAP grids of the 3 best and 3 worst trials: with 4 trials, all of them.
+    assert len(list(out.glob("umap_*.png"))) == len(logged_study.trial_run_ids)
+    # The per-epoch norm-share figure exists exactly when the trials logged norm_share_l{l}.
+    logged_share = any(getattr(logged_study.results[r].history[0], "norm_share", None) for r in logged_study.trial_run_ids)
+    assert (out / "norm_share_by_epoch.png").is_file() == bool(logged_share)
+
+    scores = pd.read_csv(out / "scores.csv")
+    for run_id in logged_study.trial_run_ids:
+        config = logged_study.configs[run_id]
+        rows = scores[scores["run_id"] == run_id]
+        expected_blocks = {f"l{l}" for l in config.l_values} | {"lgt0", "joint"}
+        assert set(rows["block"]) == expected_blocks
+        assert len(rows) == len(expected_blocks) * len(ALL_SCORES)
+        assert rows["test_mae_meV"].unique() == pytest.approx([logged_study.results[run_id].test_mae_meV])
+        by_key = rows.set_index(["block", "score"])["value"]
+        # One value recomputed by hand from the trial's own embeddings file.
+        embeddings = load_embeddings(logged_study.trial_dirs[run_id] / "test_embeddings.npz")
+        l0 = embeddings.layout.block(0)
+        squared = np.square(embeddings.graph.astype(np.float64))
+        assert by_key[("l0", "norm_share")] == pytest.approx(squared[:, l0.start : l0.stop].sum() / squared.sum(), rel=1e-9)
+        for l in config.l_values:
+            if l > 0:
+                assert by_key[(f"l{l}", "knockout_last_meV")] == 0.0
+        assert by_key[("joint", "norm_share")] == pytest.approx(1.0)
+
+    correlations = pd.read_csv(out / "correlations.csv")
+    assert {"block", "score", "rho", "rho_lo", "rho_hi", "p_rho", "tau", "p_tau", "partial_rho", "q_rho", "n"} <= set(correlations.columns)
+    n_by_block = correlations.groupby("block")["n"].max().to_dict()
+    with_l = lambda l: sum(l in logged_study.configs[r].l_values for r in logged_study.trial_run_ids)  # noqa: E731
+    assert n_by_block == {"l0": 4, "l1": with_l(1), "l2": with_l(2), "lgt0": 4, "joint": 4}
+    assert len(correlations) == len(n_by_block) * len(ALL_SCORES)
+    # Constant across trials (exactly 0 or 1 by construction): no correlation is invented for them.
+    by_key = correlations.set_index(["block", "score"])
+    assert math.isnan(by_key.loc[("l1", "knockout_last_meV"), "rho"]) and math.isnan(by_key.loc[("joint", "norm_share"), "rho"])
+
+    within = pd.read_csv(out / "within_trial.csv")
+    assert set(within["run_id"]) == set(logged_study.trial_run_ids) and "nsps" in set(within["descriptor"])
+
+
+def test_report_is_self_contained(analyzed, logged_study):
+    _, out, _ = analyzed
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page), "report must not load anything from outside"
+    images = re.findall(r'src="data:image/png;base64,', page)
+    assert len(images) >= 2 + len(logged_study.trial_run_ids)
+    for run_id in logged_study.trial_run_ids:
+        assert run_id in page
+    assert 'id="correlations"' in page and 'id="trials"' in page
+
+
+def test_analysis_is_logged_to_mlflow_and_is_not_a_trial(analyzed, logged_study):
+    document, _, _ = analyzed
+    client = MlflowClient(tracking_uri=logged_study.tracking_uri)
+    run = client.get_run(document["analysis_run_id"])
+    assert run.data.tags["irrep_study.role"] == "analysis" and run.info.status == "FINISHED"
+    assert run.data.params["trials_analysed"] == str(len(logged_study.trial_run_ids))
+    assert "rho/l0/norm_share" in run.data.metrics
+    artifacts = {info.path for info in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "scores.csv", "correlations.csv", "correlation_heatmap.png"} <= artifacts
+    study = load_study(logged_study.experiment, tracking_uri=logged_study.tracking_uri)
+    assert document["analysis_run_id"] not in {t.run_id for t in study.trials}
+    assert len(study.trials) == len(logged_study.trial_run_ids)
+
+
+def test_analyze_cli_reports_a_missing_experiment_in_one_line(logged_study, run_cli):
+    result = run_cli("analyze", "--experiment", "never-ran", "--tracking-uri", logged_study.tracking_uri, check_exit=2)
+    assert result.stderr.strip().count("\n") == 0 and "never-ran" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(analyzed, tmp_path):
+    import matplotlib.image
+
+    _, out, _ = analyzed
+    report = out / "report.html"
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    correlations = pd.read_csv(out / "correlations.csv")
+    table = re.search(r'<table[^>]*id="correlations".*?</table>', dom.stdout, re.S)
+    assert table is not None
+    assert table.group(0).count("<tr") == len(correlations) + 1  # header row + one per (block, score)
+
+    shot = tmp_path / "report.png"
+    rendered = subprocess.run(
+        [*base, "--window-size=1200,3000", f"--screenshot={shot}", report.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    assert rendered.returncode == 0 and shot.is_file(), rendered.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (3000, 1200)
+    # Not a blank page: text, tables and figures give many distinct shades.
+    assert pixels[..., :3].std() > 0.05
+    assert len(np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_analysis_never_imports_ray():
+    # DESIGN.md: data flows one way and only study/sweep.py knows Ray; an analysis machine needs no Ray.
+    import sys
+
+    modules = ["analysis." + name for name in ("load", "descriptors", "features", "scores", "knockout", "correlate", "plots", "report", "pipeline")]
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

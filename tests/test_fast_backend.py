@@ -1,0 +1,194 @@
+"""The fast tensor product computes e3nn's function with e3nn's parameters.
+
+Every case builds the e3nn model once (in float64, so its constants are float64-exact), copies its
+state dict into a fast model, and compares predictions and gradients (every parameter and the
+atom positions) on a real QM9 batch, in float64 and in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from e3nn import o3
+from torch_geometric.loader import DataLoader
+
+from study.config import TrialConfig
+from study.data import QM9Dataset, split_indices
+from study.fast_tp import FusedRadialTensorProduct, fully_connected_paths
+from study.model import IrrepConvModel
+from study.train import build_model
+
+# (l values, hidden_dim): the orders of SEED.md's configurations, small widths for speed.
+CASES = [
+    pytest.param((0, 1, 2), 3, id="l012"),
+    pytest.param((0, 1, 2, 3, 4), 2, id="l01234"),
+    pytest.param((0, 1, 2, 3, 4, 5, 6), 2, id="l0-6"),
+    pytest.param((0, 3, 4, 5, 6), 2, id="l03456"),
+    pytest.param((0, 1, 2, 10), 2, id="l01210"),
+]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These batches are tiny: with two threads every op waits at a barrier for the other, and on a
+    # shared machine a descheduled thread stalls the whole test.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def qm9_batches(qm9):
+    """Two real QM9 batches: 6 molecules with bond edges, 3 with 6 A radius edges (denser)."""
+    indices = split_indices(len(qm9), seed=21616, subset=2000)["test"]
+    bonds = next(iter(DataLoader(QM9Dataset(qm9, indices[:6], edges="bonds"), batch_size=6)))
+    radius = next(iter(DataLoader(QM9Dataset(qm9, indices[6:9], edges="radius", cutoff=6.0), batch_size=3)))
+    return {"bonds": bonds, "radius": radius}
+
+
+def model_pair(l_values, hidden_dim, num_layers=1, seed=0) -> tuple[IrrepConvModel, IrrepConvModel]:
+    """An e3nn model and a fast model holding the same parameters (copied through the state dict)."""
+    torch.manual_seed(seed)
+    with default_dtype(torch.float64):
+        reference = IrrepConvModel(l_values, hidden_dim, num_layers=num_layers, backend="e3nn")
+        fast = IrrepConvModel(l_values, hidden_dim, num_layers=num_layers, backend="fast")
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def forward_and_gradients(model: IrrepConvModel, batch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    model = model.to(dtype)
+    batch = batch.clone()
+    batch.pos = batch.pos.to(dtype).requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    prediction = model(batch)
+    # A loss that weights molecules differently, so that gradients are not symmetric sums.
+    weights = torch.linspace(0.5, 1.5, prediction.numel(), dtype=dtype)
+    (weights * prediction).sum().backward()
+    results = {"prediction": prediction.detach(), "pos.grad": batch.pos.grad}
+    for name, parameter in model.named_parameters():
+        results[f"{name}.grad"] = parameter.grad
+    return results
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.detach(), expected.detach()
+    scale = expected.abs().max()
+    if scale == 0:
+        return float(got.abs().max())
+    return float((got - expected).abs().max() / scale)
+
+
+@pytest.mark.parametrize(("l_values", "hidden_dim"), CASES)
+def test_fast_matches_e3nn_outputs_and_gradients(qm9_batches, l_values, hidden_dim):
+    reference, fast = model_pair(l_values, hidden_dim)
+    batch = qm9_batches["bonds"]
+    for dtype in (torch.float64, torch.float32):
+        expected = forward_and_gradients(reference, batch, dtype)
+        got = forward_and_gradients(fast, batch, dtype)
+        assert expected.keys() == got.keys()
+        # Guard: gradients must reach every tensor-product weight, or the comparison proves little.
+        for name, value in expected.items():
+            if ".radial." in name:
+                assert value.abs().max() > 0, f"{name} has no gradient"
+        for name in expected:
+            error = relative_error(got[name], expected[name])
+            assert error < TOLERANCE[dtype], f"{dtype}, {name}: relative error {error:.2e}"
+
+
+def test_fast_matches_e3nn_on_a_radius_graph_at_default_depth(qm9_batches):
+    reference, fast = model_pair((0, 1, 2), 4, num_layers=3)
+    expected = forward_and_gradients(reference, qm9_batches["radius"], torch.float64)
+    got = forward_and_gradients(fast, qm9_batches["radius"], torch.float64)
+    for name in expected:
+        assert relative_error(got[name], expected[name]) < 1e-10, name
+
+
+def test_tensor_product_matches_e3nn_on_irregular_irreps():
+    # Uneven multiplicities, both parities, an input order missing from the output, and an output
+    # (1x5e) that no path reaches: e3nn leaves it zero.
+    irreps_in1 = o3.Irreps("3x0e+2x1o+1x1e+4x2e")
+    irreps_in2 = o3.Irreps("0e+1o+2e+3o")
+    irreps_out = o3.Irreps("2x0e+3x1o+2x1e+1x2e+2x3e+1x5e")
+    with default_dtype(torch.float64):
+        reference = o3.FullyConnectedTensorProduct(irreps_in1, irreps_in2, irreps_out, shared_weights=False)
+        fast = FusedRadialTensorProduct(irreps_in1, irreps_in2, irreps_out)
+    assert fast.weight_numel == reference.weight_numel
+    assert [(p.i_in1, p.i_in2, p.i_out) for p in fully_connected_paths(irreps_in1, irreps_in2, irreps_out)] == [
+        (ins.i_in1, ins.i_in2, ins.i_out) for ins in reference.instructions
+    ]
+    generator = torch.Generator().manual_seed(0)
+    num_edges, hidden = 7, 5
+    x1 = torch.randn(num_edges, irreps_in1.dim, generator=generator, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(num_edges, irreps_in2.dim, generator=generator, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(num_edges, hidden, generator=generator, dtype=torch.float64, requires_grad=True)
+    linear = torch.randn(hidden, fast.weight_numel, generator=generator, dtype=torch.float64, requires_grad=True)
+    scale = 0.3
+    expected = reference(x1, x2, scale * h @ linear)
+    got = fast(x1, x2, h, linear, scale)
+    assert relative_error(got, expected) < 1e-12
+    assert torch.equal(got[:, -11:], torch.zeros(num_edges, 11, dtype=torch.float64))
+    cotangent = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    grads_expected = torch.autograd.grad(expected, (x1, x2, h, linear), cotangent)
+    grads_got = torch.autograd.grad(got, (x1, x2, h, linear), cotangent)
+    for name, g, e in zip(("x1", "x2", "hidden", "linear"), grads_got, grads_expected):
+        assert relative_error(g, e) < 1e-12, name
+
+
+@pytest.mark.parametrize(("source", "target"), [("e3nn", "fast"), ("fast", "e3nn")])
+def test_checkpoint_of_one_backend_loads_into_the_other(qm9_batches, source, target):
+    # As in training: built in float32, saved, loaded with strict key and shape checking.
+    l_values, hidden_dim = (0, 2, 3), 3
+    torch.manual_seed(1)
+    trained = IrrepConvModel(l_values, hidden_dim, num_layers=1, backend=source)
+    with torch.no_grad():  # move away from the initialisation, as a trained checkpoint would be
+        for parameter in trained.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = IrrepConvModel(l_values, hidden_dim, num_layers=1, backend=target)
+    state = torch.load(buffer, weights_only=True)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in loaded.state_dict().items()}
+    loaded.load_state_dict(state, strict=True)
+    batch = qm9_batches["bonds"]
+    with torch.no_grad():
+        expected, got = trained.eval()(batch), loaded.eval()(batch)
+    assert relative_error(got, expected) < 1e-5
+    assert not torch.allclose(expected, IrrepConvModel(l_values, hidden_dim, num_layers=1, backend=target).eval()(batch))
+
+
+@pytest.mark.parametrize("l_values", [(0, 1, 2), (0, 3, 4, 5, 6), (0, 1, 2, 10)])
+def test_state_dict_keys_and_buffers_are_e3nn_s(l_values):
+    torch.manual_seed(0)
+    reference = IrrepConvModel(l_values, 2, num_layers=0, backend="e3nn").state_dict()
+    fast = IrrepConvModel(l_values, 2, num_layers=0, backend="fast").state_dict()
+    assert list(fast) == list(reference)
+    for key, value in reference.items():
+        if "radial" in key or key.startswith(("atom_embedding", "readout.weight", "head")):
+            continue  # parameters: random, compared in the tests above
+        assert torch.allclose(fast[key], value, rtol=0, atol=1e-6), key
+
+
+def test_config_selects_the_backend():
+    assert TrialConfig().backend == "fast"
+    small = dict(l_values=(0, 1), hidden_dim=2, num_layers=0)
+    assert isinstance(build_model(TrialConfig(**small, backend="e3nn")).input_block.tp, o3.FullyConnectedTensorProduct)
+    assert isinstance(build_model(TrialConfig(**small)).input_block.tp, FusedRadialTensorProduct)
+    with pytest.raises(ValueError, match="backend"):
+        IrrepConvModel((0, 1), 2, backend="cuda-kernels")
