@@ -35,7 +35,7 @@ from study.config import REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD
 from study.data import QM9Dataset, QM9Tensors, split_indices, target_index
 from study.errors import UserError
 from study.fast_tp import fully_connected_paths
-from study.irreps import irreps_for, validate_l_values
+from study.irreps import validate_l_values
 from study.model import BACKENDS, IrrepConvModel
 
 BENCH_FORMAT = 1

@@ -28,7 +28,7 @@ Nothing here imports Ray: sweep.py turns a `SearchSpace` into Tune objects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 

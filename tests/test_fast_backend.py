@@ -7,7 +7,6 @@ atom positions) on a real QM9 batch, in float64 and in float32.
 
 from __future__ import annotations
 
-import contextlib
 import io
 
 import pytest
@@ -20,6 +19,7 @@ from study.data import QM9Dataset, split_indices
 from study.fast_tp import FusedRadialTensorProduct, fully_connected_paths
 from study.model import IrrepConvModel
 from study.train import build_model
+from tests.torch_helpers import default_dtype
 
 # (l values, hidden_dim): the orders of SEED.md's configurations, small widths for speed.
 CASES = [
@@ -30,16 +30,6 @@ CASES = [
     pytest.param((0, 1, 2, 10), 2, id="l01210"),
 ]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,6 @@ import sys
 import time
 
 import psutil
-import pytest
 import yaml
 
 from study.tracking import ROLE_TAG, STATUS_TAG

@@ -6,7 +6,6 @@ data pipeline. Symmetry checks run in float64, where e3nn's equivariance is exac
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch_geometric.data import Batch, Data
 
 from study.irreps import IrrepsLayout, irreps_for
 from study.model import Embedding, InteractionBlock, IrrepConvModel, count_parameters
+from tests.torch_helpers import default_dtype
 
 CUTOFF = 6.0
 ELEMENTS = torch.tensor([1, 6, 7, 8, 9])
@@ -42,18 +42,6 @@ def random_molecule(generator: torch.Generator, num_atoms: int | None = None, dt
     # ~1.5 A spread: most pairs inside the 6 A cutoff, some not.
     pos = (torch.randn(num_atoms, 3, generator=generator) * 1.5).to(dtype)
     return Data(z=z, pos=pos, edge_index=radius_edges(pos))
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    # e3nn computes its constants (Clebsch-Gordan coefficients, so(3) generators) in the default
-    # dtype: built under float32, a model cast with .double() is equivariant only to ~1e-8.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def make_model(l_values, hidden_dim, num_layers, seed=0, dtype=torch.float64) -> IrrepConvModel:
