@@ -1,17 +1,21 @@
-"""`irrep-study analyze` end to end on real MLflow runs: files, numbers, MLflow run, the report in a browser."""
+"""`irrep-study analyze` end to end on real MLflow runs (logged trials, and a real quick sweep):
+files, numbers, MLflow run, the report in a browser."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from mlflow_trials import _one_torch_thread, one_torch_thread  # noqa: F401 (autouse fixture)
 
@@ -19,6 +23,7 @@ from analysis.load import load_study
 from analysis.scores import ALL_SCORES
 from study.embeddings import load_embeddings
 
+SPACES = Path(__file__).parent.parent / "search_spaces"
 CHROMIUM = next((path for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(path).exists()), None)
 
 
@@ -43,6 +48,39 @@ def analyzed(logged_study, qm9_cache_dir, tmp_path_factory):
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
     return json.loads(result.stdout), out, result.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_sweep_analysis(qm9, qm9_cache_dir, tmp_path_factory):
+    """The shipped quick study, shrunk to seconds, swept for real (local Ray, Optuna, SQLite MLflow)
+    and then analysed by the console script: (sweep JSON, analyze JSON, analysis folder)."""
+    space = yaml.safe_load((SPACES / "quick.yaml").read_text())
+    space["trial"].update(subset=300, epochs=2, hidden_dim=4, num_layers=1)
+    space["search"]["num_samples"] = 2
+    space["scheduler"] = {"type": "none"}
+    work = tmp_path_factory.mktemp("quick-e2e")
+    (work / "quick.yaml").write_text(yaml.safe_dump(space))
+    env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir)}
+
+    def cli(*args: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "study.cli", *args, "--json"], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    swept = cli("sweep", "quick.yaml", "--num-cpus", "2")
+    analysed = cli("analyze", "--experiment", "quick", "--out", "analysis", "--bootstrap", "200")
+    return swept, analysed, work / "analysis"
+
+
+def test_a_real_quick_sweep_is_analysed_end_to_end(quick_sweep_analysis):
+    swept, analysed, out = quick_sweep_analysis
+    completed = [t for t in swept["trials"] if t["status"] == "completed"]
+    assert len(swept["trials"]) == 4 and len(completed) == 4  # 2 proposals x 2 seeds
+    assert analysed["trials_analysed"] == 4 and analysed["parent_run_id"] is None
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores["run_id"]) == {t["mlflow_run_id"] for t in completed}
+    assert (out / "report.html").is_file() and (out / "correlations.csv").is_file()
 
 
 def test_analyze_writes_scores_correlations_figures_and_report(analyzed, logged_study):
@@ -123,10 +161,10 @@ def test_analyze_cli_reports_a_missing_experiment_in_one_line(logged_study, run_
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
-def test_report_renders_in_headless_chromium(analyzed, tmp_path):
+def test_report_of_a_real_sweep_renders_in_headless_chromium(quick_sweep_analysis, tmp_path):
     import matplotlib.image
 
-    _, out, _ = analyzed
+    _, _, out = quick_sweep_analysis
     report = out / "report.html"
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*base, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
