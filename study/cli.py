@@ -130,13 +130,14 @@ def train(
 ) -> None:
     """Train one trial with a progress bar and print its test MAE."""
     from study.config import load_trial_config
-    from study.train import run_trial
 
-    config = load_trial_config(config_path, overrides)
+    config = load_trial_config(config_path, overrides)  # refused before torch is even imported
     if resume and out is None:
         raise UserError("--resume: give the --out folder of the run to continue")
     if out is None:
         out = Path("runs") / f"{config_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    from study.train import run_trial
+
     tensors = _load_tensors(cache_dir)
     log.print(f"trial: l_values={list(config.l_values)} hidden_dim={config.hidden_dim} epochs={config.epochs} -> {out}")
 

@@ -26,6 +26,7 @@ import torch
 from torch_geometric.data import Data
 
 from study.errors import UserError
+from study.targets import TARGETS
 
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE = f"qm9-v{CACHE_FORMAT_VERSION}.pt"
@@ -35,28 +36,6 @@ NUM_MOLECULES = 130_831
 
 HARTREE_TO_EV = 27.211386246
 
-# PyTorch Geometric's QM9 target order; units after conversion in the comments.
-TARGETS = (
-    "mu",  # D
-    "alpha",  # a0^3
-    "homo",  # eV
-    "lumo",  # eV
-    "gap",  # eV
-    "r2",  # a0^2
-    "zpve",  # eV
-    "U0",  # eV
-    "U",  # eV
-    "H",  # eV
-    "G",  # eV
-    "cv",  # cal/(mol K)
-    "U0_atom",  # eV
-    "U_atom",  # eV
-    "H_atom",  # eV
-    "G_atom",  # eV
-    "A",  # GHz
-    "B",  # GHz
-    "C",  # GHz
-)
 
 # (qm9pack column, factor to PyG units) for every target that is a plain unit conversion.
 _DIRECT_COLUMNS = {

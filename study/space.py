@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from study.config import ConfigError, TrialConfig, _first_error, read_yaml
-from study.irreps import MAX_L
+from study.lvalues import MAX_L
 
 
 class _Strict(BaseModel):
