@@ -13,9 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study.targets import TARGETS
 from study.errors import UserError
 from study.lvalues import validate_l_values
+from study.targets import TARGETS
 
 # The reference normalisation of SEED.md: mean and standard deviation of U0_atom over QM9, in eV.
 REFERENCE_U0_ATOM_MEAN = -76.1160

@@ -36,7 +36,6 @@ NUM_MOLECULES = 130_831
 
 HARTREE_TO_EV = 27.211386246
 
-
 # (qm9pack column, factor to PyG units) for every target that is a plain unit conversion.
 _DIRECT_COLUMNS = {
     "mu": ("Dipole_debye", 1.0),
