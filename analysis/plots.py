@@ -109,8 +109,7 @@ def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
     table = correlations.pivot(index="score", columns="block", values="rho")
     table = table[block_order(table.columns)]
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3, 0.45 * table.shape[0] + 1.5))
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(table.to_numpy(dtype=float)), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, fontsize=8)
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
