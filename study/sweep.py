@@ -435,7 +435,6 @@ def run_sweep(
         )
     results = tuner.fit()
 
-    unsynced = finish_tracking(tracking_uri, path, experiment_id, parent_run_id, log)
     trials = []
     for result in results:
         metrics = result.metrics or {}
@@ -454,8 +453,9 @@ def run_sweep(
             "test_mae_meV": _finite(metrics.get("test_mae_meV")),
         })
     _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=True)
-    if not unsynced:
-        unsynced = finish_tracking(tracking_uri, path, experiment_id, parent_run_id, log, final=True)
+    # One pass: replay the trials' journals, then (only when nothing is left pending) end orphaned
+    # runs and the parent run.
+    unsynced = finish_tracking(tracking_uri, path, experiment_id, parent_run_id, log, final=True)
     return SweepOutcome(path, experiment, experiment_id, parent_run_id, tracking_uri, trials, unsynced)
 
 

@@ -17,6 +17,7 @@ Names other parts rely on (see DESIGN.md):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -209,13 +210,19 @@ class Replayer:
         self.run_ids: dict[str, str] = {}  # trial id -> MLflow run id
         self._logged_epochs: dict[str, set[int]] = {}
 
+    @functools.cached_property
+    def client(self):
+        """One MLflow client for all operations of this replayer (a trial writes one per epoch),
+        built lazily at the first one."""
+        return client(self.uri)
+
     def _run_id(self, operation: dict) -> str:
         return operation.get("run_id") or self.run_ids[operation["trial_id"]]
 
     def apply(self, operation: dict) -> None:
         from mlflow.entities import Metric
 
-        mlflow_client = client(self.uri)
+        mlflow_client = self.client
         kind = operation["op"]
         if kind == "open":
             self._open(operation)
@@ -249,7 +256,7 @@ class Replayer:
             raise ValueError(f"unknown journal operation {kind!r}")
 
     def _open(self, operation: dict) -> None:
-        mlflow_client = client(self.uri)
+        mlflow_client = self.client
         parent, trial_id = operation["parent_run_id"], operation["trial_id"]
         existing = mlflow_client.search_runs(
             [operation["experiment_id"]],

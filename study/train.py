@@ -303,10 +303,10 @@ def run_trial(
             if not math.isfinite(val_mae):
                 raise _NonFinite("non-finite validation error")
         except _NonFinite as problem:
-            train_seconds += time.perf_counter() - started
             result.status, result.diverged_epoch, result.reason = "diverged", epoch, str(problem)
             break
-        train_seconds += time.perf_counter() - started
+        finally:
+            train_seconds += time.perf_counter() - started  # a diverged epoch counts too
         metrics = EpochMetrics(epoch, train_loss, val_mae, norm_share)
         history.append(metrics)
         if val_mae < best_val:
