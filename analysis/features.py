@@ -2,15 +2,14 @@
 
 The raw components of an l >= 1 block turn with the molecule: a score computed on them measures
 the orientation of the test molecules as much as the model (SEED.md's third weak point). Every
-score of this package therefore reads only these invariants of a block with multiplicity m:
+score of this package therefore reads only invariants of a block with multiplicity m, and the
+same number of them for every block, so that blocks of different l compete on equal terms (a
+probe with m(m+1)/2 power-spectrum features for l >= 1 against m scalars for l = 0 would favour
+the larger blocks by their feature count alone):
 
-- l = 0: the m scalars themselves (already invariant);
-- l >= 1: the power spectrum, i.e. the inner products x_c . x_d of every pair of channels c <= d
-  of the block (invariant under any rotation or reflection applied to the whole molecule): the
-  channel norms |x_c| on the diagonal, the raw inner products off it. (A signed square root of
-  the off-diagonal products would put them in the embedding's units, but near zero it turns 1e-14
-  of float noise into 1e-7, enough to change a UMAP picture; every feature is standardized before
-  use anyway, so a per-feature scale carries no information.)
+- the channel magnitudes: for l = 0 the m scalars themselves (already invariant, and signed: the
+  sign is information, not orientation); for l >= 1 the m channel norms |x_c| (invariant under any
+  rotation or reflection applied to the whole molecule). Both are linear in the embedding's scale.
 
 A block's dims are always found through :class:`study.irreps.IrrepsLayout` ((2l+1) x multiplicity
 per block); nothing here splits by multiplicity alone.
@@ -81,22 +80,6 @@ def channels_of(embedding: np.ndarray, block: IrrepBlock) -> np.ndarray:
     return flat.reshape(len(embedding), block.multiplicity, 2 * block.l + 1)
 
 
-def power_spectrum(channels: np.ndarray) -> np.ndarray:
-    """``[N, m, m]``: inner products between the channels of one block, per molecule."""
-    return np.einsum("nck,ndk->ncd", channels, channels)
-
-
-def invariant_features(embedding: np.ndarray, block: IrrepBlock) -> np.ndarray:
-    """``[N, F]`` rotation-invariant features of one irrep block (see the module docstring)."""
-    channels = channels_of(embedding, block)
-    if block.l == 0:
-        return channels[:, :, 0]
-    gram = power_spectrum(channels)
-    norms = np.linalg.norm(channels, axis=-1)
-    above = np.triu_indices(block.multiplicity, k=1)
-    return np.concatenate([norms, gram[:, above[0], above[1]]], axis=1)
-
-
 def channel_magnitudes(embedding: np.ndarray, block: IrrepBlock) -> np.ndarray:
     """``[N, m]``: the scalar of each l = 0 channel, the norm |x_c| of each l >= 1 channel.
 
@@ -109,32 +92,29 @@ def channel_magnitudes(embedding: np.ndarray, block: IrrepBlock) -> np.ndarray:
     return np.linalg.norm(channels, axis=-1)
 
 
-def channel_second_moment(embedding: np.ndarray, block: IrrepBlock) -> np.ndarray:
-    """``[m, m]``: how the block's channels co-vary across molecules, invariantly.
+def channel_covariance(embedding: np.ndarray, unit: AnalysisBlock) -> np.ndarray:
+    """``[C, C]``: covariance across molecules of the channel magnitudes of the unit's blocks.
 
-    For l >= 1 this is the mean power spectrum, mean_n X_n X_n^T: a rotation of molecule n turns
-    X_n into X_n R^T and leaves X_n X_n^T unchanged. The mean of an l >= 1 block over molecules is
-    not invariant (it depends on how the molecules happen to be oriented), so it is not removed.
-    For l = 0 the mean is a meaningful invariant (a constant offset every molecule shares), and it
-    carries no information about which molecule is which, so the covariance is used instead.
+    The same recipe for every l (an earlier version used the covariance of the l = 0 scalars but
+    the uncentred mean power spectrum of l >= 1, so the two were not comparable). Magnitudes are
+    invariant, so their mean and their cross-block covariances are too: a pseudo-block gets the
+    full matrix over all its channels.
     """
-    channels = channels_of(embedding, block)
-    if block.l == 0:
-        channels = channels - channels.mean(axis=0, keepdims=True)
-    return np.einsum("nck,ndk->cd", channels, channels) / max(len(channels), 1)
+    magnitudes = np.concatenate([channel_magnitudes(embedding, block) for block in unit.members], axis=1)
+    centered = magnitudes - magnitudes.mean(axis=0, keepdims=True)
+    return centered.T @ centered / max(len(centered), 1)
 
 
 def standardized_features(embedding: np.ndarray, unit: AnalysisBlock) -> np.ndarray:
-    """The invariant features of every member block, standardized, each block weighted equally.
+    """The channel magnitudes of every member block, standardized, each block weighted equally.
 
     Each feature gets zero mean and unit variance (a constant feature stays 0), then each member
-    block is divided by the square root of its feature count, so that in a pseudo-block an l >= 1
-    block with m(m+1)/2 power-spectrum features does not outweigh the m scalars of l = 0 in
-    distances and probes.
+    block is divided by the square root of its channel count, so that in a pseudo-block a block
+    with more channels does not outweigh the others in distances and probes.
     """
     parts = []
     for block in unit.members:
-        features = invariant_features(embedding, block)
+        features = channel_magnitudes(embedding, block)
         centered = features - features.mean(axis=0, keepdims=True)
         scale = centered.std(axis=0, keepdims=True)
         # Relative threshold: float noise on a constant feature must not be blown up to unit variance.

@@ -29,6 +29,7 @@ from analysis.features import AnalysisBlock, analysis_blocks
 from study.errors import UserError
 from study.irreps import IrrepBlock
 from study.model import IrrepConvModel
+from study.reference import TargetReference
 
 EVAL_BATCH_SIZE = 128
 WHERE = ("all", "last")
@@ -72,15 +73,15 @@ def zeroed(model: IrrepConvModel, members: Sequence[IrrepBlock], where: str) -> 
 
 
 @torch.no_grad()
-def predictions(model: IrrepConvModel, dataset, target_mean: float, target_std: float, dtype: torch.dtype) -> np.ndarray:
-    """The model's predictions in the target's unit, in dataset order."""
+def predictions(model: IrrepConvModel, dataset, reference: TargetReference, dtype: torch.dtype) -> np.ndarray:
+    """The model's predictions in the target's unit (made absolute by its reference), in dataset order."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for batch in DataLoader(dataset, batch_size=EVAL_BATCH_SIZE):
         batch = batch.to(device)
         batch.pos = batch.pos.to(dtype)
-        out.append(model(batch).double().cpu().numpy() * target_std + target_mean)
+        out.append(reference.absolute(model(batch), batch).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -96,8 +97,7 @@ def knockout_scores(
     model: IrrepConvModel,
     dataset,
     targets: np.ndarray,
-    target_mean: float,
-    target_std: float,
+    reference: TargetReference,
     dtype: torch.dtype = torch.float32,
     units: Sequence[AnalysisBlock] | None = None,
     on_step: Callable[[str], None] | None = None,
@@ -105,7 +105,7 @@ def knockout_scores(
     """Increase of the MAE (meV, thousandths of the target unit) when each block is zeroed."""
     targets = np.asarray(targets, dtype=np.float64)
     units = list(units) if units is not None else analysis_blocks(model.layout)
-    baseline = predictions(model, dataset, target_mean, target_std, dtype)
+    baseline = predictions(model, dataset, reference, dtype)
     baseline_mae = float(np.abs(baseline - targets).mean() * 1000.0)
     deltas: dict[str, dict[str, float]] = {}
     kept: dict[tuple[str, str], np.ndarray] = {}
@@ -115,7 +115,7 @@ def knockout_scores(
             if on_step is not None:
                 on_step(f"{unit.name}/{where}")
             with zeroed(model, unit.members, where):
-                knocked = predictions(model, dataset, target_mean, target_std, dtype)
+                knocked = predictions(model, dataset, reference, dtype)
             kept[(unit.name, where)] = knocked
             deltas[unit.name][f"knockout_{where}_meV"] = float(np.abs(knocked - targets).mean() * 1000.0) - baseline_mae
     return KnockoutResult(baseline_mae_meV=baseline_mae, baseline=baseline, deltas=deltas, predictions=kept)
@@ -157,4 +157,5 @@ def trial_knockout(trial, tensors, rows: np.ndarray | None = None, on_step: Call
             f"trial run {trial.run_id}: {trial.weights_path.name} does not fit the model of its config ({str(exc).splitlines()[0]})"
         ) from None
     model = model.to(device=select_device("auto"), dtype=dtype)
-    return knockout_scores(model, dataset, targets, data.target_mean, data.target_std, dtype, on_step=on_step)
+    # The reference the trial trained against travels in its embeddings artifact.
+    return knockout_scores(model, dataset, targets, trial.embeddings.reference, dtype, on_step=on_step)

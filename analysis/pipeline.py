@@ -1,14 +1,23 @@
-"""`irrep-study analyze` end to end: trials from MLflow -> scores -> correlations -> files -> MLflow.
+"""`irrep-study analyze` end to end: trials from MLflow -> scores -> effects and correlations -> files -> MLflow.
 
 Outputs in ``out_dir``:
-- ``scores.csv``: one row per trial x block x score (with the trial's test MAE and size);
-- ``correlations.csv``: per (block, score) rho, tau, their 95% CIs, permutation p, partial rho, q, n;
+- ``ablation.csv``: per l, the effect on test MAE of including it, with 95% intervals (paired,
+  regression, unpaired; analysis/ablation.py): the report's headline;
+- ``configurations.csv``: per configuration (every parameter but the seed), its trials, how many
+  completed, mean and seed-to-seed sd of test / validation MAE beside the composition baseline;
+- ``scores.csv``: one row per trial x block x score (with the trial's configuration and test MAE);
+  ``configuration_scores.csv``: each score's mean and seed-to-seed sd per configuration;
+- ``correlations.csv``: per (block, score), correlations with test MAE across configurations
+  (analysis/correlate.py), with ``n_configurations`` and ``n_trials``;
 - ``trials.csv``: the analysed trials; ``within_trial.csv``: per trial, Spearman of per-molecule
   |error| with each descriptor; ``molecules.csv``: per test molecule, its descriptors and each
   trial's absolute error;
-- PNGs (UMAP per block, score vs error, correlation heatmap, norm share per epoch) and a
-  self-contained ``report.html``.
+- PNGs (ablation forest plot, UMAP per block, score vs error, correlation heatmap, norm share per
+  epoch) and a self-contained ``report.html`` whose first section is the ablation effects.
 Everything is then logged as one MLflow run tagged ``irrep_study.role=analysis``.
+
+Comparisons across the study (effects, correlations) use only configurations whose seeds all
+completed (analysis/survival.py); every completed trial is still scored and listed.
 """
 
 from __future__ import annotations
@@ -24,14 +33,18 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.ablation import ablation_effects, headline
+from analysis.configurations import baseline_notes, configuration_summary
 from analysis.correlate import correlate_scores, molecule_correlations
 from analysis.descriptors import descriptors
 from analysis.load import ROLE_TAG, Study, Trial, load_study
 from analysis.report import write_report
-from analysis.scores import ALL_SCORES, ScoreSettings, score_embedding, structure_sample
+from analysis.scores import ALL_SCORES, ScoreSettings, knockout_shares, residual_target, score_embedding, structure_sample
+from analysis.survival import complete_configurations, survival_notes, survival_table, trial_runs
 
 ANALYZED_PARENT_TAG = "irrep_study.analyzed_parent"
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+SUMMARY_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "test_over_baseline")
 
 
 @dataclass
@@ -51,6 +64,9 @@ class AnalysisOutcome:
     trials: pd.DataFrame
     scores: pd.DataFrame
     correlations: pd.DataFrame
+    ablation: pd.DataFrame
+    configurations: pd.DataFrame
+    notes: list[str]
     files: dict[str, Path]
     analysis_run_id: str | None
 
@@ -65,37 +81,65 @@ class AnalysisOutcome:
             "out_dir": str(self.out_dir),
             "trials_analysed": len(self.study.trials),
             "trials_skipped": self.study.skipped,
+            "configurations_compared": int(self.trials.loc[self.trials["in_comparisons"], "configuration"].nunique()),
+            "notes": self.notes,
+            "ablation": headline(self.ablation),
+            "ablation_effects": _records(self.ablation),
             "files": {name: str(path) for name, path in self.files.items()},
             "top_correlations": _records(ranked),
         }
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    """JSON-safe records: NaN becomes null."""
-    return [
-        {key: (None if isinstance(value, float) and not math.isfinite(value) else value) for key, value in row.items()}
-        for row in frame.to_dict(orient="records")
-    ]
+    """JSON-safe records: NaN becomes null, numpy scalars plain Python."""
+    def plain(value):
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return [{key: plain(value) for key, value in row.items()} for row in frame.to_dict(orient="records")]
 
 
-def _trial_table(trials: list[Trial], baselines: dict[str, float]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {
-                "run_id": t.run_id,
-                "run_name": t.run_name,
-                "label": t.label,
-                "l_values": ",".join(map(str, t.config.l_values)),
-                "hidden_dim": t.config.hidden_dim,
-                "seed": t.config.seed,
-                "num_params": int(t.num_params) if math.isfinite(t.num_params) else None,
-                "test_mae_meV": t.test_mae_meV,
-                "test_molecules": len(t.embeddings.target),
-                "knockout_baseline_mae_meV": baselines.get(t.run_id, math.nan),
-            }
-            for t in trials
-        ]
-    )
+def _trial_table(trials: list[Trial], runs: pd.DataFrame, context: list[str], complete: set[str], knockout: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """One row per analysed trial: identity, configuration, design covariates, errors beside the
+    composition baseline, and whether its configuration enters the comparisons across the study."""
+    by_run = runs.set_index("run_id")
+    rows = []
+    for t in trials:
+        run = by_run.loc[t.run_id]
+        baseline = float(run["baseline_test_mae_meV"])
+        if not math.isfinite(baseline):
+            # Runs logged before the baseline metric: the same number from the embeddings artifact.
+            baseline = float(np.abs(residual_target(t.embeddings)).mean() * 1000.0)
+        model_mae, composition_mae = knockout.get(t.run_id, (math.nan, math.nan))
+        row = {
+            "run_id": t.run_id,
+            "run_name": t.run_name,
+            "label": t.label,
+            "configuration": run["configuration"],
+            "in_comparisons": run["configuration"] in complete,
+            "seed": run["seed"],
+            "l_values": ",".join(map(str, t.config.l_values)),
+            # Design covariates always present (constant ones are ignored by the statistics).
+            "hidden_dim": t.config.hidden_dim,
+            "num_layers": t.config.num_layers,
+            "lr": t.config.lr,
+        }
+        row.update({name: run[name] for name in context if name not in row})
+        row.update({
+            "num_params": float(t.num_params),
+            "test_mae_meV": t.test_mae_meV,
+            "best_val_mae_meV": t.metrics.get("best_val_mae_meV", math.nan),
+            "baseline_test_mae_meV": baseline,
+            "test_over_baseline": t.test_mae_meV / baseline if baseline > 0 else math.nan,
+            "test_molecules": len(t.embeddings.target),
+            "knockout_model_mae_meV": model_mae,
+            "knockout_composition_mae_meV": composition_mae,
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _safe_name(text: str) -> str:
@@ -103,20 +147,24 @@ def _safe_name(text: str) -> str:
 
 
 def score_trial(trial: Trial, nsps: np.ndarray, settings: AnalysisSettings, tensors_loader, on_step=None):
-    """Utilization, structure and (if enabled) knockout scores of one trial, and its UMAP coordinates."""
+    """Utilization, structure and (if enabled) knockout scores of one trial, its UMAP coordinates,
+    and the model's and the composition fit's MAE on the knockout molecules (NaN without knockouts)."""
     embeddings = trial.embeddings
-    result = score_embedding(embeddings.graph, embeddings.layout, embeddings.target, nsps, settings.scores, on_block=on_step)
-    baseline = math.nan
+    residual = residual_target(embeddings)
+    result = score_embedding(embeddings.graph, embeddings.layout, residual, nsps, settings.scores, on_block=on_step)
+    maes = (math.nan, math.nan)
     if settings.knockout:
         from analysis.knockout import trial_knockout
 
         sample = structure_sample(len(embeddings.target), settings.scores)
         rows = None if len(sample) == len(embeddings.target) else sample
         knockout = trial_knockout(trial, tensors_loader(), rows=rows, on_step=on_step)
-        baseline = knockout.baseline_mae_meV
+        # The gain over the composition fit is measured on the same molecules as the deltas.
+        composition_mae = float(np.abs(residual[sample]).mean() * 1000.0)
+        maes = (knockout.baseline_mae_meV, composition_mae)
         for block, deltas in knockout.deltas.items():
-            result.values[block].update(deltas)
-    return result, baseline
+            result.values[block].update(knockout_shares(deltas, knockout.baseline_mae_meV, composition_mae))
+    return result, maes
 
 
 def run_analysis(
@@ -140,8 +188,11 @@ def run_analysis(
     trials = study.trials
     skipped = ", ".join(f"{n} {status}" for status, n in sorted(study.skipped.items())) or "none"
     log(f"{len(trials)} completed trials in {experiment!r} (not analysed: {skipped})")
-    if len(trials) < 3:
-        log("fewer than 3 completed trials: correlations across trials are undefined; per-trial scores are still written")
+    runs, context, schedulers = trial_runs(study)
+    complete = complete_configurations(runs)
+    notes = survival_notes(runs, schedulers)
+    for note in notes:
+        log(note)
 
     all_smiles = sorted({s for t in trials for s in t.embeddings.smiles.tolist()})
     report("descriptors", 0, 1)
@@ -158,12 +209,12 @@ def run_analysis(
             tensors = load_qm9(qm9_cache_dir, log=log)
         return tensors
 
-    score_rows, projections, baselines, within, error_columns = [], {}, {}, [], {}
+    score_rows, projections, knockout_maes, within, error_columns = [], {}, {}, [], {}
     for index, trial in enumerate(trials):
         report(f"scoring {trial.label}", index, len(trials))
         molecules = table.loc[trial.embeddings.smiles.tolist()]
         nsps = molecules["nsps"].to_numpy(dtype=np.float64)
-        result, baselines[trial.run_id] = score_trial(
+        result, knockout_maes[trial.run_id] = score_trial(
             trial, nsps, settings, tensors_loader,
             on_step=lambda step, label=trial.label, index=index: report(f"scoring {label}: {step}", index, len(trials)),
         )
@@ -180,55 +231,82 @@ def run_analysis(
         error_columns[trial.run_id] = pd.Series(abs_error, index=trial.embeddings.mol_id)
     report("scoring", len(trials), len(trials))
 
-    trial_table = _trial_table(trials, baselines)
+    trial_table = _trial_table(trials, runs, context, complete, knockout_maes)
+    compared = trial_table[trial_table["in_comparisons"]]
+    if compared["configuration"].nunique() < 3:
+        log(f"{compared['configuration'].nunique()} configuration(s) with every seed completed: correlations across "
+            "configurations need at least 3; per-trial scores are still written")
     scores = pd.DataFrame(score_rows).merge(
-        trial_table[["run_id", "run_name", "label", "test_mae_meV", "num_params"]], on="run_id"
+        trial_table[["run_id", "run_name", "label", "configuration", "test_mae_meV", "num_params"]], on="run_id"
     )
-    scores = scores[["run_id", "run_name", "label", "block", "score", "value", "test_mae_meV", "num_params"]]
+    scores = scores[["run_id", "run_name", "label", "configuration", "block", "score", "value", "test_mae_meV", "num_params"]]
     report("correlations", 0, 1)
-    correlations = correlate_scores(scores, trial_table, n_boot=settings.n_boot, n_perm=settings.n_perm, seed=settings.scores.seed)
+    correlations = correlate_scores(scores, compared, n_boot=settings.n_boot, n_perm=settings.n_perm, seed=settings.scores.seed)
+    ablation = ablation_effects(compared, context)
     report("correlations", 1, 1)
+    configurations = survival_table(runs).merge(configuration_summary(trial_table, SUMMARY_METRICS), on="configuration", how="left",
+                                                suffixes=("", "_completed"))
+    configurations = configurations.drop(columns=["n_trials_completed"])
+    learned = baseline_notes(configurations.dropna(subset=["test_mae_meV_mean"]))
+    for note in learned:
+        log(note)
+    configuration_scores = (
+        scores.groupby(["configuration", "block", "score"])["value"].agg(mean="mean", sd="std", n_trials="count").reset_index()
+    )
     within_table = pd.concat(within, ignore_index=True)
 
     files: dict[str, Path] = {}
-    files["scores"] = out_dir / "scores.csv"
-    scores.to_csv(files["scores"], index=False)
-    files["correlations"] = out_dir / "correlations.csv"
-    correlations.to_csv(files["correlations"], index=False)
-    files["trials"] = out_dir / "trials.csv"
-    trial_table.to_csv(files["trials"], index=False)
-    files["within_trial"] = out_dir / "within_trial.csv"
-    within_table.to_csv(files["within_trial"], index=False)
-    files["molecules"] = out_dir / "molecules.csv"
-    _molecule_table(trials, table, error_columns).to_csv(files["molecules"], index=False)
+    for name, frame in (
+        ("ablation", ablation), ("configurations", configurations), ("scores", scores),
+        ("configuration_scores", configuration_scores), ("correlations", correlations), ("trials", trial_table),
+        ("within_trial", within_table), ("molecules", _molecule_table(trials, table, error_columns)),
+    ):
+        files[name] = out_dir / f"{name}.csv"
+        frame.to_csv(files[name], index=False)
 
     report("figures", 0, 1)
-    figures = _figures(out_dir, trials, trial_table, scores, correlations, projections, settings)
+    figures = _figures(out_dir, trials, trial_table, scores, correlations, ablation, projections, settings)
     files.update({name: path for name, (path, _) in figures.items()})
     report("figures", 1, 1)
 
     files["report"] = write_report(
         out_dir / "report.html",
         title=f"irrep-study analysis: {experiment}",
-        summary={
-            "experiment": experiment,
-            "sweep (parent run)": parent_run_id or "all sweeps of the experiment",
-            "tracking URI": study.tracking_uri,
-            "trials analysed": str(len(trials)),
-            "trials not analysed": skipped,
-            "structure scores on": f"at most {settings.scores.max_molecules} test molecules per trial (seed {settings.scores.seed})",
-            "knockouts": "yes" if settings.knockout else "no",
-            "bootstrap / permutations": f"{settings.n_boot} / {settings.n_perm}",
-        },
-        sections=_sections(trial_table, scores, correlations, within_table, figures),
+        summary=_summary(experiment, parent_run_id, study, trial_table, compared, skipped, settings),
+        warnings=[*notes, *learned],
+        sections=_sections(trial_table, configurations, scores, correlations, ablation, within_table, figures, notes),
     )
 
-    outcome = AnalysisOutcome(out_dir, study, trial_table, scores, correlations, files, None)
+    outcome = AnalysisOutcome(out_dir, study, trial_table, scores, correlations, ablation, configurations, [*notes, *learned], files, None)
     if settings.log_to_mlflow:
         report("logging to MLflow", 0, 1)
         outcome.analysis_run_id = log_analysis_run(outcome, settings, time.perf_counter() - started)
         report("logging to MLflow", 1, 1)
     return outcome
+
+
+def _summary(experiment, parent_run_id, study, trial_table, compared, skipped, settings) -> dict[str, str]:
+    best = trial_table.groupby("configuration")[["test_mae_meV", "baseline_test_mae_meV"]].mean().sort_values("test_mae_meV")
+    errors = "none"
+    if len(best):
+        top = best.iloc[0]
+        errors = (
+            f"best configuration {best.index[0]}: test MAE {top['test_mae_meV']:.1f} meV (mean over seeds) against "
+            f"{top['baseline_test_mae_meV']:.1f} meV for the composition fit alone ({top['test_mae_meV'] / top['baseline_test_mae_meV']:.2f} x)"
+        )
+    return {
+        "experiment": experiment,
+        "sweep (parent run)": parent_run_id or "all sweeps of the experiment",
+        "tracking URI": study.tracking_uri,
+        "trials analysed": f"{len(trial_table)} completed trials in {trial_table['configuration'].nunique()} configurations",
+        "trials not analysed": skipped,
+        "compared across the study": f"{compared['configuration'].nunique()} configurations whose seeds all completed ({len(compared)} trials)",
+        "errors vs composition baseline": errors,
+        "structure scores on": f"at most {settings.scores.max_molecules} test molecules per trial (seed {settings.scores.seed}); "
+        "probes and kNN on the target minus the composition fit",
+        "knockouts": "share of the gain over the composition fit lost when a block is zeroed" if settings.knockout else "no",
+        "bootstrap / permutations": f"{settings.n_boot} / {settings.n_perm} (over configurations)",
+    }
 
 
 def _molecule_table(trials: list[Trial], table: pd.DataFrame, error_columns: dict[str, pd.Series]) -> pd.DataFrame:
@@ -245,21 +323,32 @@ def _molecule_table(trials: list[Trial], table: pd.DataFrame, error_columns: dic
     return frame
 
 
-def _figures(out_dir, trials, trial_table, scores, correlations, projections, settings) -> dict[str, tuple[Path, str]]:
+# The study-level figures `analyze` can write (each only when there is something to show), beside
+# the UMAP grids of single trials (umap_*.png). results/ folders publish a subset of them.
+STUDY_FIGURES = ("ablation_effects.png", "correlation_heatmap.png", "score_vs_error.png", "norm_share_by_epoch.png")
+
+
+def _figures(out_dir, trials, trial_table, scores, correlations, ablation, projections, settings) -> dict[str, tuple[Path, str]]:
     figures: dict[str, tuple[Path, str]] = {}
+    path = plots.ablation_figure(ablation, out_dir / "ablation_effects.png")
+    if path:
+        figures["ablation_effects"] = (path, "Change of test MAE when each l is included, with 95% intervals: paired "
+                                       "comparisons, regression, and (grey, confounded) unpaired means.")
     path = plots.heatmap_figure(correlations, out_dir / "correlation_heatmap.png")
     if path:
-        figures["correlation_heatmap"] = (path, "Spearman rho of each score (row) of each block (column) with test MAE across trials.")
-    path = plots.score_scatter_figure(scores, correlations, out_dir / "score_vs_error.png")
+        figures["correlation_heatmap"] = (path, "Spearman rho of each score (row) of each block (column) with test MAE across configurations.")
+    path = plots.score_scatter_figure(scores[scores["configuration"].isin(trial_table.loc[trial_table["in_comparisons"], "configuration"])],
+                                      correlations, out_dir / "score_vs_error.png")
     if path:
-        figures["score_vs_error"] = (path, "Strongest rank correlations: rank of score vs rank of test MAE, with the rank fit (slope = rho).")
+        figures["score_vs_error"] = (path, "Strongest rank correlations: rank of score vs rank of test MAE (configuration means), "
+                                     "with the rank fit (slope = rho).")
     path = plots.norm_share_figure([(t.label, t.test_mae_meV, t.history) for t in trials], out_dir / "norm_share_by_epoch.png")
     if path:
         figures["norm_share_by_epoch"] = (path, "Share of the validation embeddings' squared norm per l, by epoch (logged during training); colour: test MAE.")
     order = trial_table.sort_values("test_mae_meV", kind="stable")["run_id"].tolist()
     chosen = list(dict.fromkeys(order[: settings.umap_figures] + order[::-1][: settings.umap_figures]))
     by_id = {t.run_id: t for t in trials}
-    for rank, run_id in enumerate(chosen):
+    for run_id in chosen:
         result, nsps = projections[run_id]
         if not result.umap:
             continue
@@ -274,22 +363,50 @@ def _figures(out_dir, trials, trial_table, scores, correlations, projections, se
     return figures
 
 
-def _sections(trial_table, scores, correlations, within_table, figures):
-    summary = scores.groupby(["block", "score"])["value"].agg(["mean", "std", "min", "max", "count"]).reset_index()
+def _sections(trial_table, configurations, scores, correlations, ablation, within_table, figures, notes):
+    summary = (
+        scores.groupby(["block", "score"])
+        .agg(mean=("value", "mean"), std=("value", "std"), min=("value", "min"), max=("value", "max"),
+             n_configurations=("configuration", "nunique"), n_trials=("value", "count"))
+        .reset_index()
+    )
     rank = {name: k for k, name in enumerate(plots.block_order(summary["block"]))}
     summary = summary.sort_values(["block", "score"], key=lambda col: col.map(rank) if col.name == "block" else col)
     ranked = correlations.reindex(correlations["p_rho"].sort_values(kind="stable", na_position="last").index)
     within_wide = within_table.pivot_table(index="label", columns="descriptor", values="rho", aggfunc="first").reset_index()
     umaps = [figures[name] for name in figures if name.startswith("umap_")]
     others = [figures[name] for name in ("correlation_heatmap", "score_vs_error", "norm_share_by_epoch") if name in figures]
+    forest = [figures["ablation_effects"]] if "ablation_effects" in figures else []
+    sentences = headline(ablation) or ["no l is in some configurations and not in others: the study has no ablation contrast."]
     return [
-        ("Trials", "Completed trials of the study, as logged; knockout baseline is the MAE recomputed from the weights on the scored molecules.",
+        ("Ablation effects: what including each l does to the test error",
+         " ".join(s[0].upper() + s[1:] for s in sentences) + " Positive: including l made the error larger. "
+         "paired = trials that differ only in that l (same other parameters, same seed), interval over pairs of "
+         "configurations; regression = configurations' mean test MAE on inclusion indicators and the other varying "
+         "parameters (OLS, t intervals); unpaired = configurations with l minus those without, confounded, shown for comparison. "
+         "Only configurations whose seeds all completed.",
+         [("ablation", ablation)], forest),
+        ("Configurations and survivorship",
+         "Per configuration (every parameter but the seed): its trials and how many completed; mean and seed-to-seed sd "
+         "of test and best validation MAE; the composition fit's test MAE (baseline_test_mae_meV) and the model's MAE as "
+         "a fraction of it (test_over_baseline < 1: the model beats counting atoms). all_completed: the configuration "
+         "enters the comparisons. " + ("What did not complete is summarised in the box above." if notes else "Every trial completed."),
+         [("configurations", configurations)], []),
+        ("Trials",
+         "Completed trials, as logged, with the composition fit's test MAE (baseline_test_mae_meV) beside each model's; "
+         "in_comparisons: the configuration's seeds all completed. knockout_*_mae_meV: model and composition MAE on "
+         "the knockout molecules.",
          [("trials", trial_table)], []),
         ("Scores vs test error",
-         "Spearman rho and Kendall tau of each score with test MAE across trials, 95% bootstrap CIs, permutation p-values, "
-         "partial rho controlling for num_params, Benjamini-Hochberg q. Sorted by p. n < ~10 trials gives wide intervals: read them.",
+         "Spearman rho and Kendall tau of each score with test MAE across configurations (means over seeds), 95% bootstrap "
+         "CIs over configurations, permutation p-values, partial rho given the named covariates that vary (and with "
+         "num_params added), a mixed model (random intercept per configuration) as a second opinion where seeds exist, "
+         "Benjamini-Hochberg q. within_share: the share of the score's variance that is seed-to-seed. The l0 and joint "
+         "knockouts are left out: they are determined by the test MAE itself. Sorted by p. Few configurations give wide "
+         "intervals: read them.",
          [("correlations", ranked)], others),
-        ("Scores per block", "Mean, spread and range of every score across trials (scores.csv has every value).", [("score_summary", summary)], []),
+        ("Scores per block", "Mean, spread and range of every score across trials (scores.csv has every value; "
+         "configuration_scores.csv the mean and seed-to-seed sd per configuration).", [("score_summary", summary)], []),
         ("Per-molecule error vs descriptors", "Spearman rho of |error| with each RDKit descriptor, within each trial (within_trial.csv has p and n).",
          [("within_trial", within_wide)], []),
         ("Latent maps", "UMAP projections are pictures of the invariant features; their faithfulness is the umap_trustworthiness score.", [], umaps),
@@ -297,7 +414,7 @@ def _sections(trial_table, scores, correlations, within_table, figures):
 
 
 def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, seconds: float) -> str:
-    """One MLflow run (role=analysis) in the study's experiment: settings, rho per score, every file."""
+    """One MLflow run (role=analysis) in the study's experiment: settings, effects, rho per score, every file."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -313,6 +430,7 @@ def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, secon
             "parent_run_id": study.parent_run_id or "",
             "trials_analysed": len(study.trials),
             "trials_skipped": ", ".join(f"{n} {s}" for s, n in sorted(study.skipped.items())),
+            "configurations_compared": int(outcome.trials.loc[outcome.trials["in_comparisons"], "configuration"].nunique()),
             "n_boot": settings.n_boot,
             "n_perm": settings.n_perm,
             "knockout": settings.knockout,
@@ -320,6 +438,10 @@ def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, secon
         }
         stamp = int(time.time() * 1000)
         metrics = [Metric("trials_analysed", float(len(study.trials)), stamp, 0), Metric("analysis_seconds", seconds, stamp, 0)]
+        for row in outcome.ablation.itertuples():
+            for name, value in (("effect", row.effect_meV), ("lo", row.lo_meV), ("hi", row.hi_meV)):
+                if isinstance(value, float) and math.isfinite(value):
+                    metrics.append(Metric(f"ablation_{name}_meV/l{row.l}/{row.method}", value, stamp, 0))
         for row in outcome.correlations.itertuples():
             for name in ("rho", "tau", "p_rho", "partial_rho"):
                 value = getattr(row, name)

@@ -68,10 +68,11 @@ def umap_figure(
 
 
 def score_scatter_figure(scores: pd.DataFrame, correlations: pd.DataFrame, path: Path, top: int = 9) -> Path | None:
-    """Rank of score vs rank of test MAE for the most significant correlations, each with its rank fit.
+    """Rank of score vs rank of test MAE (configuration means over seeds) for the most significant
+    correlations, each with its rank fit.
 
     In rank space the least-squares line has slope rho (Spearman), so the line is the fit whose
-    strength the table reports; the title gives rho, its 95% CI and n.
+    strength the table reports; the title gives rho, its 95% CI and the number of configurations.
     """
     candidates = correlations[np.isfinite(correlations["rho"])].copy()
     if candidates.empty:
@@ -87,23 +88,27 @@ def score_scatter_figure(scores: pd.DataFrame, correlations: pd.DataFrame, path:
     for ax, (_, row) in zip(axes.flat, candidates.iterrows()):
         group = scores[(scores["block"] == row["block"]) & (scores["score"] == row["score"])]
         group = group[np.isfinite(group["value"]) & np.isfinite(group["test_mae_meV"])]
+        group = group.groupby("configuration")[["value", "test_mae_meV"]].mean()
         rx, ry = stats.rankdata(group["value"]), stats.rankdata(group["test_mae_meV"])
         ax.scatter(rx, ry, s=18)
         slope, intercept = np.polyfit(rx, ry, 1)
         grid = np.linspace(rx.min(), rx.max(), 2)
         ax.plot(grid, slope * grid + intercept, color="crimson")
         ax.set_xlabel(f"rank of {row['score']}", fontsize=8)
-        ax.set_ylabel("rank of test MAE", fontsize=8)
+        ax.set_ylabel("rank of test MAE (mean over seeds)", fontsize=8)
         interval = (
-            f"[{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if np.isfinite(row["rho_lo"]) else "(too few trials for a CI)"
+            f"[{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if np.isfinite(row["rho_lo"]) else "(too few configurations for a CI)"
         )
-        ax.set_title(f"{row['block']} {row['score']}\nrho={row['rho']:.2f} {interval} n={row['n']}", fontsize=8)
+        ax.set_title(
+            f"{row['block']} {row['score']}\nrho={row['rho']:.2f} {interval} {row['n_configurations']} configurations", fontsize=8
+        )
     fig.tight_layout()
     return _save(fig, path)
 
 
 def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
-    """Spearman rho of every score (rows) and block (columns) with test MAE; blank where undefined."""
+    """Spearman rho of every score (rows) and block (columns) with test MAE across configurations;
+    blank where undefined or left out (scores determined by the test MAE itself)."""
     if correlations.empty:
         return None
     table = correlations.pivot(index="score", columns="block", values="rho")
@@ -117,7 +122,7 @@ def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
         if np.isfinite(value):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, label="Spearman rho with test MAE")
-    ax.set_title("score vs test error across trials (grey: undefined, e.g. constant score)", fontsize=9)
+    ax.set_title("score vs test error across configurations (grey: undefined or not tested)", fontsize=9)
     return _save(fig, path)
 
 
@@ -149,4 +154,39 @@ def norm_share_figure(histories: list[tuple[str, float, dict[str, list[tuple[int
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("share of squared norm", fontsize=8)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), label="test MAE (meV)")
+    return _save(fig, path)
+
+
+def ablation_figure(table: pd.DataFrame, path: Path) -> Path | None:
+    """Forest plot: per l, each estimate of the effect of including it on test MAE, with its 95% interval.
+
+    Paired and regression estimates in colour; the unpaired one (confounded) in grey. Estimates
+    without an interval are drawn as open markers.
+    """
+    shown = table[np.isfinite(table["effect_meV"].to_numpy(dtype=float))]
+    if shown.empty:
+        return None
+    orders = sorted(shown["l"].unique())
+    styles = {"paired": ("tab:blue", -0.2), "regression": ("tab:orange", 0.0), "unpaired": ("grey", 0.2)}
+    fig, ax = plt.subplots(figsize=(7, 0.9 * len(orders) + 1.4))
+    for method, (color, offset) in styles.items():
+        rows = shown[shown["method"] == method]
+        if rows.empty:
+            continue
+        y = np.array([orders.index(l) for l in rows["l"]]) + offset
+        effect, lo, hi = (rows[c].to_numpy(dtype=float) for c in ("effect_meV", "lo_meV", "hi_meV"))
+        has = np.isfinite(lo) & np.isfinite(hi)
+        if has.any():
+            ax.errorbar(effect[has], y[has], xerr=[effect[has] - lo[has], hi[has] - effect[has]], fmt="o", color=color,
+                        capsize=3, label=method)
+        if (~has).any():
+            ax.scatter(effect[~has], y[~has], facecolors="none", edgecolors=color,
+                       label=f"{method} (no interval)")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(orders)), [f"l = {l}" for l in orders])
+    ax.set_ylim(len(orders) - 0.5, -0.5)  # l = first at the top
+    ax.set_xlabel("change of test MAE when l is included (meV); < 0: including it helps", fontsize=8)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("ablation effects with 95% intervals", fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)

@@ -17,6 +17,7 @@ th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
 img { max-width: 100%; } .note { font-size: 0.85em; color: #555; }
+.warning { border: 2px solid #c62828; background: #fdecea; padding: 0.5em 1em; margin: 1em 0; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 0.9em; }
 dt { font-weight: 600; }
 """
@@ -41,8 +42,10 @@ def write_report(
     title: str,
     summary: dict[str, str],
     sections: list[tuple[str, str, list[tuple[str, pd.DataFrame]], list[tuple[Path, str]]]],
+    warnings: list[str] | None = None,
 ) -> Path:
-    """``sections``: (heading, explanatory note, [(table id, table)], [(png, caption)]) each."""
+    """``sections``: (heading, explanatory note, [(table id, table)], [(png, caption)]) each.
+    ``warnings``: sentences shown in a box above the sections (what limits every result below)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -50,6 +53,8 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in summary.items()) + "</dl>",
     ]
+    if warnings:
+        parts.append('<div class="warning" id="warnings">' + "".join(f"<p>{html.escape(w)}</p>" for w in warnings) + "</div>")
     for heading, note, tables, figures in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if note:

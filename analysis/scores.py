@@ -9,21 +9,34 @@ utilization
   magnitudes (l = 0 scalars, l >= 1 channel norms); a large block that is the same for every
   molecule has a high norm share but a low variance share.
 - ``participation_ratio`` (sum lambda)^2 / sum lambda^2 and ``effective_rank`` exp(entropy of
-  lambda / sum lambda), of the eigenvalues lambda of the channel second-moment matrix
-  (features.channel_second_moment): how many independent channel directions the block uses.
+  lambda / sum lambda), of the eigenvalues lambda of the covariance of the channel magnitudes
+  (features.channel_covariance), each divided by the block's channel count: the fraction of its
+  channels' directions the block uses, in (0, 1]. (Undivided, a block with more channels scores
+  higher by its size alone, and ``lgt0``/``joint`` always beat single blocks.)
 - ``dead_fraction``: share of the block's channels whose RMS magnitude is below
   ``dead_tolerance`` times that of the strongest channel of the whole embedding.
 
-structure (on a seeded subsample of at most ``max_molecules`` molecules)
-- ``probe_r2_target`` / ``probe_r2_nsps``: cross-validated R^2 of a ridge regression from the
-  block's standardized invariant features to the target / to nSPS (<= 0: no linear signal).
-- ``knn_target`` / ``knn_nsps``: 1 - mean |y_i - y_j| over each molecule's k nearest neighbours
+structure (on a seeded subsample of at most ``max_molecules`` molecules; every block gets the
+same number of features, its m standardized channel magnitudes, see analysis/features.py)
+- ``probe_r2_residual`` / ``probe_r2_nsps``: cross-validated R^2 of a ridge regression from the
+  block's features to the residual target / to nSPS (<= 0: no linear signal). The residual is the
+  target minus the composition fit's prediction (study/reference.py): atom counts alone explain
+  ~96% of U0_atom, so a probe of the raw target measures molecule size, and every block of every
+  trial sat at that ceiling. The residual is what is left for chemistry beyond size.
+- ``knn_residual`` / ``knn_nsps``: 1 - mean |y_i - y_j| over each molecule's k nearest neighbours
   in the block / mean |y_a - y_b| over all pairs: 0 = neighbours are no more alike than random
   pairs, 1 = neighbours have identical values.
 - ``umap_trustworthiness``: sklearn's trustworthiness of the block's 2D UMAP projection (how
   faithfully the picture that the paper judged by eye keeps the block's neighbourhoods).
 
-Functional scores (knockouts) come from analysis/knockout.py and need the model's weights.
+function (the deltas come from analysis/knockout.py and need the model's weights)
+- ``knockout_all_share`` / ``knockout_last_share``: the share of the model's gain over the
+  composition baseline (baseline MAE - model MAE) that is lost when the block is zeroed in every
+  layer / only in the readout's input: 0 = the block is not needed, 1 = without it the model is no
+  better than counting atoms (> 1: worse than that). Raw meV deltas grow with how good the model
+  is, so they are not comparable across trials. The l0 and joint knockouts leave the model with
+  nothing but its bias on top of the target reference, so their share is a function of the
+  model's own MAE: see :data:`DETERMINED_BY_ERROR`.
 """
 
 from __future__ import annotations
@@ -38,16 +51,21 @@ from analysis.features import (
     AnalysisBlock,
     analysis_blocks,
     channel_magnitudes,
-    channel_second_moment,
+    channel_covariance,
     channels_of,
     standardized_features,
 )
 from study.irreps import IrrepsLayout
 
 UTILIZATION_SCORES = ("norm_share", "variance_share", "participation_ratio", "effective_rank", "dead_fraction")
-STRUCTURE_SCORES = ("probe_r2_target", "probe_r2_nsps", "knn_target", "knn_nsps", "umap_trustworthiness")
-FUNCTIONAL_SCORES = ("knockout_all_meV", "knockout_last_meV")
+STRUCTURE_SCORES = ("probe_r2_residual", "probe_r2_nsps", "knn_residual", "knn_nsps", "umap_trustworthiness")
+FUNCTIONAL_SCORES = ("knockout_all_share", "knockout_last_share")
 ALL_SCORES = UTILIZATION_SCORES + STRUCTURE_SCORES + FUNCTIONAL_SCORES
+# (block, score) pairs that are a function of the test MAE itself: zeroing l0 (or everything)
+# leaves only the head's bias on top of the target reference (a constant, or the composition fit),
+# so the knocked-out MAE is nearly the same for every trial of a split and the share is
+# (constant - MAE) / (baseline - MAE). Correlating them with the test MAE finds that identity.
+DETERMINED_BY_ERROR = frozenset((block, score) for block in ("l0", "joint") for score in FUNCTIONAL_SCORES)
 
 
 @dataclass(frozen=True)
@@ -83,10 +101,7 @@ def _magnitude_variance(embedding: np.ndarray, unit: AnalysisBlock) -> float:
 
 
 def _eigenvalues(embedding: np.ndarray, unit: AnalysisBlock) -> np.ndarray:
-    # Cross-l inner products are not invariant, so a pseudo-block's second-moment matrix is
-    # block-diagonal over its members: its spectrum is the union of theirs.
-    values = [np.linalg.eigvalsh(channel_second_moment(embedding, block)) for block in unit.members]
-    return np.clip(np.concatenate(values), 0.0, None)
+    return np.clip(np.linalg.eigvalsh(channel_covariance(embedding, unit)), 0.0, None)
 
 
 def participation_ratio(eigenvalues: np.ndarray) -> float:
@@ -114,9 +129,10 @@ def local_utilization(embedding: np.ndarray, unit: AnalysisBlock, reference_rms:
     """The utilization scores that need nothing but the block itself (and a dead-channel scale)."""
     eigenvalues = _eigenvalues(embedding, unit)
     rms = _channel_rms(embedding, unit)
+    # Divided by the channel count: the share of the block's channels it uses (see module doc).
     return {
-        "participation_ratio": participation_ratio(eigenvalues),
-        "effective_rank": effective_rank(eigenvalues),
+        "participation_ratio": participation_ratio(eigenvalues) / unit.channels,
+        "effective_rank": effective_rank(eigenvalues) / unit.channels,
         "dead_fraction": float((rms <= dead_tolerance * reference_rms).mean()),
     }
 
@@ -190,14 +206,17 @@ def trustworthiness_2d(features: np.ndarray, projection: np.ndarray, neighbors: 
 
 
 def structure_scores(
-    embedding: np.ndarray, unit: AnalysisBlock, target: np.ndarray, nsps: np.ndarray, settings: ScoreSettings
+    embedding: np.ndarray, unit: AnalysisBlock, residual: np.ndarray, nsps: np.ndarray, settings: ScoreSettings
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Probe, kNN and UMAP scores of one block on the given molecules, and the UMAP coordinates."""
+    """Probe, kNN and UMAP scores of one block on the given molecules, and the UMAP coordinates.
+
+    ``residual``: the target minus the composition fit's prediction, per molecule.
+    """
     features = standardized_features(embedding, unit)
     scores = {
-        "probe_r2_target": probe_r2(features, target, settings.cv_folds, settings.seed),
+        "probe_r2_residual": probe_r2(features, residual, settings.cv_folds, settings.seed),
         "probe_r2_nsps": probe_r2(features, nsps, settings.cv_folds, settings.seed),
-        "knn_target": knn_consistency(features, target, settings.knn_k),
+        "knn_residual": knn_consistency(features, residual, settings.knn_k),
         "knn_nsps": knn_consistency(features, nsps, settings.knn_k),
         "umap_trustworthiness": float("nan"),
     }
@@ -210,6 +229,31 @@ def structure_scores(
         projection = umap_projection(rounded, settings.umap_neighbors, settings.seed)
         scores["umap_trustworthiness"] = trustworthiness_2d(rounded, projection, settings.trust_neighbors)
     return scores, projection
+
+
+# ---------------------------------------------------------------------------- function
+
+
+def knockout_shares(deltas_meV: dict[str, float], model_mae_meV: float, baseline_mae_meV: float) -> dict[str, float]:
+    """``knockout_*_share`` from ``knockout_*_meV`` deltas: the share of the gain over the baseline lost.
+
+    ``model_mae_meV`` and ``baseline_mae_meV`` (the composition fit's MAE) must be measured on the
+    same molecules as the deltas. A model no better than the baseline has no gain to lose: NaN.
+    """
+    gain = baseline_mae_meV - model_mae_meV
+    shares = {}
+    for name, delta in deltas_meV.items():
+        share_name = name.removesuffix("_meV") + "_share"
+        shares[share_name] = float(delta / gain) if gain > 0 else float("nan")
+    return shares
+
+
+def residual_target(embeddings) -> np.ndarray:
+    """The test targets minus the composition fit's predictions (embeddings format version 2)."""
+    baseline = getattr(embeddings, "composition_baseline", None)
+    if baseline is None:
+        raise ValueError("the embeddings carry no composition_baseline (written before format version 2)")
+    return np.asarray(embeddings.target, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------- one embedding
@@ -226,25 +270,29 @@ def structure_sample(num_molecules: int, settings: ScoreSettings) -> np.ndarray:
 def score_embedding(
     embedding: np.ndarray,
     layout: IrrepsLayout,
-    target: np.ndarray,
+    residual: np.ndarray,
     nsps: np.ndarray,
     settings: ScoreSettings = ScoreSettings(),
     on_block: Callable[[str], None] | None = None,
 ) -> EmbeddingScores:
-    """Every utilization and structure score of every block of one ``[N, layout.dim]`` embedding."""
+    """Every utilization and structure score of every block of one ``[N, layout.dim]`` embedding.
+
+    ``residual``: per molecule, the target minus the composition fit's prediction (see
+    :func:`residual_target`); the structure scores relate the blocks to it.
+    """
     embedding = np.asarray(embedding, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
+    residual = np.asarray(residual, dtype=np.float64)
     nsps = np.asarray(nsps, dtype=np.float64)
-    if embedding.shape != (len(target), layout.dim) or len(nsps) != len(target):
+    if embedding.shape != (len(residual), layout.dim) or len(nsps) != len(residual):
         raise ValueError(
-            f"embedding {embedding.shape}, target {target.shape} and nsps {nsps.shape} do not match layout dim {layout.dim}"
+            f"embedding {embedding.shape}, residual {residual.shape} and nsps {nsps.shape} do not match layout dim {layout.dim}"
         )
     units = analysis_blocks(layout)
     joint = units[-1]
     total_squared = _squared_norm(embedding, joint)
     total_variance = _magnitude_variance(embedding, joint)
     reference_rms = float(_channel_rms(embedding, joint).max(initial=0.0))
-    sample = structure_sample(len(target), settings)
+    sample = structure_sample(len(residual), settings)
     values: dict[str, dict[str, float]] = {}
     projections: dict[str, np.ndarray] = {}
     for unit in units:
@@ -255,7 +303,7 @@ def score_embedding(
             "variance_share": _magnitude_variance(embedding, unit) / total_variance if total_variance > 0 else float("nan"),
             **local_utilization(embedding, unit, reference_rms, settings.dead_tolerance),
         }
-        structure, projection = structure_scores(embedding[sample], unit, target[sample], nsps[sample], settings)
+        structure, projection = structure_scores(embedding[sample], unit, residual[sample], nsps[sample], settings)
         scores.update(structure)
         if projection is not None:
             projections[unit.name] = projection

@@ -139,7 +139,10 @@ def train(
     from study.train import run_trial
 
     tensors = _load_tensors(cache_dir)
-    log.print(f"trial: l_values={list(config.l_values)} hidden_dim={config.hidden_dim} epochs={config.epochs} -> {out}")
+    log.print(
+        f"trial: l_values={list(config.l_values)} hidden_dim={config.hidden_dim} epochs={config.epochs} "
+        f"reference={config.target_reference} lr_schedule={config.lr_schedule} -> {out}"
+    )
 
     with Progress(
         TextColumn("[bold]train[/]"),
@@ -167,9 +170,12 @@ def train(
     if as_json:
         _emit_json({"out_dir": str(out), **result.to_dict()})
     elif result.status == "completed":
+        ratio = result.test_mae_meV / result.baseline_test_mae_meV
         typer.echo(
-            f"test MAE: {result.test_mae_meV:.1f} meV  (best val {result.best_val_mae_meV:.1f} meV at epoch "
-            f"{result.best_epoch}, {result.num_params} parameters, {result.train_seconds:.0f} s)  -> {out}"
+            f"test MAE: {result.test_mae_meV:.1f} meV, {ratio:.2f} x the composition baseline's "
+            f"{result.baseline_test_mae_meV:.1f} meV  (best val {result.best_val_mae_meV:.1f} meV at epoch "
+            f"{result.best_epoch}, baseline val {result.baseline_val_mae_meV:.1f} meV; {result.num_params} parameters, "
+            f"{result.train_seconds:.0f} s)  -> {out}"
         )
     if result.status == "diverged":
         log.print(f"trial diverged at epoch {result.diverged_epoch}: {result.reason}")
@@ -226,7 +232,12 @@ def sweep(
         counts[trial["status"]] = counts.get(trial["status"], 0) + 1
     typer.echo(f"sweep {outcome.path.name}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if best:
-        typer.echo(f"best: l_values={best['l_values']} seed={best['seed']} test MAE {best['test_mae_meV']:.1f} meV (run {best['mlflow_run_id']})")
+        baseline = best.get("baseline_test_mae_meV")
+        versus = f", {best['test_mae_meV'] / baseline:.2f} x the composition baseline's {baseline:.1f} meV" if baseline else ""
+        typer.echo(
+            f"best by validation: l_values={best['l_values']} seed={best['seed']} val MAE {best['best_val_mae_meV']:.1f} meV, "
+            f"test MAE {best['test_mae_meV']:.1f} meV{versus} (run {best['mlflow_run_id']})"
+        )
     typer.echo(f"next: irrep-study best --experiment {outcome.experiment}" + (f" --tracking-uri {redact(uri)}" if tracking_uri else ""))
 
 
@@ -257,7 +268,13 @@ def sync(
 def best(
     experiment: Annotated[str, typer.Option(help="MLflow experiment (the study name).")],
     tracking_uri: TrackingUriOption = None,
-    metric: Annotated[str, typer.Option(help="Rank by this metric, lowest first.")] = "test_mae_meV",
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric", "--by",
+            help="Rank by this metric, lowest first. Default: best validation MAE (choosing by test_mae_meV picks on the test set).",
+        ),
+    ] = "best_val_mae_meV",
     top: Annotated[int, typer.Option(help="How many runs to show.")] = 10,
     where: Annotated[
         Optional[str], typer.Option(help="Extra MLflow filter, e.g. \"params.hidden_dim = '16'\".")
@@ -273,25 +290,30 @@ def best(
         raise UserError(f"--top: must be positive, got {top}")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     rows = best_runs(uri, experiment, metric, top, where)
+    chosen_by = f"ranked by {metric}" + (" (a test metric: the winner is chosen on the test set)" if metric.startswith("test") else "")
+    log.print(chosen_by)
     if export is not None:
         if not rows:
             raise UserError(f"--export: experiment {experiment!r} has no trial with {metric}")
         export_config(rows[0], export)
         log.print(f"wrote the config of run {rows[0]['run_id']} to {export}: irrep-study train {export}")
     if as_json:
-        _emit_json({"experiment": experiment, "metric": metric, "runs": rows})
+        _emit_json({"experiment": experiment, "metric": metric, "ranked_by": chosen_by, "runs": rows})
         return
     from rich.table import Table
 
-    table = Table(title=f"{experiment}: best by {metric}")
-    for column in ("rank", "run id", "l values", "hidden", "layers", "lr", "seed", "val MAE", "test MAE", "status"):
+    table = Table(title=f"{experiment}: {chosen_by}")
+    columns = ("rank", "run id", "l values", "hidden", "layers", "lr", "seed", "val MAE", "test MAE", "baseline test MAE",
+               "test / baseline", "status")
+    for column in columns:
         table.add_column(column)
     for row in rows:
-        shown = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        shown = lambda v, digits=1: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
         table.add_row(
             str(row["rank"]), row["run_id"], row["params"].get("l_values", ""), row["params"].get("hidden_dim", ""),
             row["params"].get("num_layers", ""), row["params"].get("lr", ""), row["params"].get("seed", ""),
-            shown(row["best_val_mae_meV"]), shown(row["test_mae_meV"]), row["status"],
+            shown(row["best_val_mae_meV"]), shown(row["test_mae_meV"]), shown(row["baseline_test_mae_meV"]),
+            shown(row["test_over_baseline"], 2), row["status"],
         )
     Console(width=160).print(table)
 
@@ -352,9 +374,16 @@ def analyze(
         _emit_json(document)
         return
     typer.echo(f"analysed {document['trials_analysed']} trials of {experiment!r} -> {out}")
+    for note in document["notes"]:
+        typer.echo(f"  {note}")
+    for sentence in document["ablation"]:
+        typer.echo(f"  {sentence}")
     for row in document["top_correlations"][:5]:
         interval = f" [{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if row["rho_lo"] is not None else ""
-        typer.echo(f"  {row['block']:>6} {row['score']:<22} rho {row['rho']:+.2f}{interval}  p {row['p_rho']:.3g}  n {row['n']}")
+        typer.echo(
+            f"  {row['block']:>6} {row['score']:<22} rho {row['rho']:+.2f}{interval}  p {row['p_rho']:.3g}  "
+            f"{row['n_configurations']} configurations ({row['n_trials']} trials)"
+        )
     typer.echo(f"report: {document['files']['report']}" + (f"  (MLflow run {outcome.analysis_run_id})" if outcome.analysis_run_id else ""))
 
 

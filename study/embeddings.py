@@ -1,19 +1,22 @@
 """The test-set embeddings artifact: what every trial hands to analysis.
 
-Format "irrep-study/embeddings", version 1: one NumPy ``.npz`` file (no pickled objects) with
+Format "irrep-study/embeddings", version 2: one NumPy ``.npz`` file (no pickled objects) with
 
 | array | shape | meaning |
 |---|---|---|
-| ``meta`` | () str | JSON: format, version, target name, ``layout`` (see ``IrrepsLayout.to_dict``), block names |
+| ``meta`` | () str | JSON: format, version, target name, ``layout`` (see ``IrrepsLayout.to_dict``), block names, ``reference`` (the target reference the model trained against, ``TargetReference.to_dict``: prediction = baseline + scale x model output) |
 | ``mol_id`` | [N] int64 | QM9 molecule index |
 | ``dataset_index`` | [N] int64 | position in the processed dataset |
 | ``smiles`` | [N] str | SMILES of the molecule |
 | ``target`` | [N] float64 | true target, in the target's unit (eV for energies) |
 | ``prediction`` | [N] float64 | the model's prediction, same unit |
+| ``composition_baseline`` | [N] float64 | the composition fit's prediction (least squares on element counts, training split), same unit |
 | ``graph`` | [N, D] float32 | sum over atoms of the last block's node features (the paper's graph embedding) |
 | ``graph_per_block`` | [B, N, D] float32 | the same sum after each block: input block, then the residual blocks |
 
 Slice any ``D`` axis per order with the layout: block l spans (2l+1) x multiplicity dims.
+Version 1 (before target references) lacks ``reference`` and ``composition_baseline``; it is
+refused with a message that names the file.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from torch_geometric.loader import DataLoader
 
 from study.errors import UserError
 from study.irreps import IrrepsLayout
+from study.reference import TargetReference
 
 FORMAT_NAME = "irrep-study/embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class EmbeddingsFormatError(UserError):
@@ -49,6 +53,8 @@ class TestEmbeddings:
     graph_per_block: np.ndarray
     layout: IrrepsLayout
     target_name: str
+    reference: TargetReference
+    composition_baseline: np.ndarray
 
     @property
     def block_names(self) -> list[str]:
@@ -56,13 +62,14 @@ class TestEmbeddings:
 
 
 @torch.no_grad()
-def compute_embeddings(model, dataset, target_name: str, target_column: int, mean: float, std: float,
-                       device: torch.device, dtype: torch.dtype, batch_size: int = 128) -> TestEmbeddings:
-    """Graph embeddings of every molecule of `dataset`, after every block, in dataset order."""
+def compute_embeddings(model, data, target_name: str, device: torch.device, dtype: torch.dtype,
+                       batch_size: int = 128) -> TestEmbeddings:
+    """Graph embeddings of every test molecule of `data` (study.train.TrialData), after every
+    block, with predictions made absolute by the data's target reference, in dataset order."""
     model.eval()
     per_block: list[list[np.ndarray]] = []
     mol_id, index, smiles, target, prediction = [], [], [], [], []
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    for batch in DataLoader(data.test, batch_size=batch_size):
         batch = batch.to(device)
         batch.pos = batch.pos.to(dtype)
         embedding = model.embed(batch)
@@ -75,8 +82,8 @@ def compute_embeddings(model, dataset, target_name: str, target_column: int, mea
         mol_id.append(batch.mol_id.cpu().numpy())
         index.append(batch.idx.cpu().numpy())
         smiles.extend(batch.smiles)
-        target.append(batch.y[:, target_column].double().cpu().numpy())
-        prediction.append((embedding.prediction.double() * std + mean).cpu().numpy())
+        target.append(batch.y[:, data.target_column].double().cpu().numpy())
+        prediction.append(data.reference.absolute(embedding.prediction, batch).cpu().numpy())
     graph_per_block = np.stack([np.concatenate([b[k] for b in per_block]) for k in range(len(per_block[0]))])
     return TestEmbeddings(
         mol_id=np.concatenate(mol_id).astype(np.int64),
@@ -88,6 +95,8 @@ def compute_embeddings(model, dataset, target_name: str, target_column: int, mea
         graph_per_block=graph_per_block,
         layout=model.layout,
         target_name=target_name,
+        reference=data.reference,
+        composition_baseline=np.asarray(data.composition_test, dtype=np.float64),
     )
 
 
@@ -98,6 +107,7 @@ def save_embeddings(embeddings: TestEmbeddings, path: Path) -> None:
         "target": embeddings.target_name,
         "layout": embeddings.layout.to_dict(),
         "blocks": embeddings.block_names,
+        "reference": embeddings.reference.to_dict(),
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -109,6 +119,7 @@ def save_embeddings(embeddings: TestEmbeddings, path: Path) -> None:
         smiles=embeddings.smiles,
         target=embeddings.target,
         prediction=embeddings.prediction,
+        composition_baseline=embeddings.composition_baseline,
         graph=embeddings.graph,
         graph_per_block=embeddings.graph_per_block,
     )
@@ -131,6 +142,11 @@ def load_embeddings(path: Path) -> TestEmbeddings:
         raise EmbeddingsFormatError(f"{path}: no format metadata; not an {FORMAT_NAME} file") from None
     if meta.get("format") != FORMAT_NAME:
         raise EmbeddingsFormatError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+    if meta.get("version") == 1:
+        raise EmbeddingsFormatError(
+            f"{path}: embeddings format version 1 predates target references (no composition baseline); "
+            "retrain the trial to analyse it"
+        )
     if meta.get("version") != FORMAT_VERSION:
         raise EmbeddingsFormatError(
             f"{path}: embeddings format version {meta.get('version')!r} is not supported (this code reads {FORMAT_VERSION})"
@@ -145,4 +161,6 @@ def load_embeddings(path: Path) -> TestEmbeddings:
         graph_per_block=arrays["graph_per_block"],
         layout=IrrepsLayout.from_dict(meta["layout"]),
         target_name=meta["target"],
+        reference=TargetReference.from_dict(meta["reference"]),
+        composition_baseline=arrays["composition_baseline"],
     )

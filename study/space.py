@@ -113,7 +113,11 @@ class Scheduler(_Strict):
 class Resources(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
-    max_concurrent: int | None = Field(None, gt=0, description="at most this many trials at once (default: as resources allow)")
+    max_concurrent: int | None = Field(
+        None, gt=0,
+        description="at most this many trials at once (default: as resources allow); with ASHA, at least the "
+        "number of seeds, since a seed paused at a rung waits there for the other seeds of its configuration",
+    )
     max_failures: int = Field(2, ge=0, description="retries of a trial whose worker died, from its last checkpoint")
 
 

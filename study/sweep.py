@@ -1,5 +1,6 @@
-"""A study on Ray Tune: Optuna (or a grid) proposes trial configs, ASHA stops the weak ones early,
-each trial trains with study.train and logs itself to MLflow from its own process.
+"""A study on Ray Tune: Optuna (or a grid) proposes trial configs, a seed-aware ASHA stops the weak
+configurations early (all their seeds at the same epoch; study/seed_groups.py), each trial trains
+with study.train and logs itself to MLflow from its own process.
 
 The only module that knows Ray. Layout of one sweep's folder (`--storage`/<name>-<time>/):
 Ray Tune's experiment state (so `Tuner.restore` and `ExperimentAnalysis` read it), the trials'
@@ -22,10 +23,13 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Repeater
 
-from study import tracking
+from study import seed_groups, tracking
 from study.data import QM9Tensors
 from study.errors import UserError
+from study.reference import TargetReference
 from study.space import OptunaSpace, SearchSpace, trial_overrides
 
 METRIC = "val_mae_meV"
@@ -98,12 +102,8 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
             # The searcher is told with the worst value, so it steers away from here.
             tune.report({**identity, "epoch": result.diverged_epoch, METRIC: math.inf, "trial_status": "diverged"})
             return
-        final = {
-            "test_mae_meV": result.test_mae_meV,
-            "best_val_mae_meV": result.best_val_mae_meV,
-            "num_params": result.num_params,
-            "train_seconds": result.train_seconds,
-        }
+        final = {metric: getattr(result, metric) for metric in tracking.FINAL_METRICS}
+        run.log_params(TargetReference.from_dict(result.reference).flat_params())
         run.log_final(final, work)
         run.finish("completed")
         tune.report({**identity, **last_epoch, **final, "trial_status": "completed"})
@@ -227,14 +227,194 @@ def _error_line(trial) -> str:
         return "trial failed"
 
 
+# ---------------------------------------------------------------------------- seeds, searcher, scheduler
+
+
+class SeedRepeater(Repeater):
+    """Ray's Repeater (one searcher proposal trained once per seed, the searcher told the mean over
+    seeds), telling the searcher each seed's value at the epoch where the seed ended.
+
+    Tune gives `on_trial_complete` no result for a trial stopped while paused (SeedAwareASHA stops
+    the paused seeds of a configuration together with the one whose result decided it); Repeater
+    would count such a seed as NaN and average the others alone. The last result each seed
+    reported is remembered instead. A seed that failed for good counts as missing; the proposal is
+    a failure for the searcher only when all its seeds failed."""
+
+    def __init__(self, searcher, repeat: int = 1, set_index: bool = True):
+        super().__init__(searcher, repeat=repeat, set_index=set_index)
+        self._last_values: dict[str, float] = {}  # trial id -> metric of its last result
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.searcher.metric in result:
+            self._last_values[trial_id] = result[self.searcher.metric]
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs) -> None:
+        group = self._trial_id_to_group.get(trial_id)
+        last = self._last_values.pop(trial_id, None)
+        if group is None:
+            return
+        metric = self.searcher.metric
+        if result and metric in result:
+            value = result[metric]
+        elif not error and last is not None:
+            value = last
+        else:
+            value = math.nan
+        group.report(trial_id, value)
+        if group.finished_reporting():
+            values = [v for v in group.scores() if not math.isnan(v)]
+            if values:
+                mean = math.fsum(values) / len(values) if all(math.isfinite(v) for v in values) else math.inf
+                self.searcher.on_trial_complete(group.primary_trial_id, result={metric: mean})
+            else:
+                self.searcher.on_trial_complete(group.primary_trial_id, result=None, error=True)
+
+
+class SeedAwareASHA(FIFOScheduler):
+    """ASHA over configurations instead of trials: Ray Tune's side of study.seed_groups.
+
+    A trial that reaches a rung before the other seeds of its configuration is paused (it resumes
+    from its last checkpoint, in the same MLflow run); when the last live seed gets there, the
+    group continues (the paused seeds are released) or stops (the paused seeds are stopped with
+    it, so every stopped seed ends at the same epoch). Trials are grouped by their config without
+    the seed keys (`seed`, `__trial_index__`), so Optuna proposals repeated by a Repeater and grid
+    entries crossed with seeds group alike."""
+
+    _supports_buffered_results = False  # a paused trial must not have trained past its rung
+
+    def __init__(self, max_t: int, grace_period: int, reduction_factor: float, group_size: int,
+                 time_attr: str = "epoch", status_key: str = "trial_status", running: str = "running",
+                 metric: str | None = None, mode: str | None = None):
+        super().__init__()
+        self._max_t = max_t
+        self._rungs = seed_groups.rungs(grace_period, reduction_factor, max_t)
+        self._reduction_factor = reduction_factor
+        self._group_size = group_size
+        self._time_attr = time_attr
+        self._status_key, self._running = status_key, running
+        self._metric, self._mode = metric, mode
+        self.groups: seed_groups.SeedGroups | None = None
+        self._stopped_by_us: set[str] = set()
+        self._to_stop: set[str] = set()  # seeds to stop once Tune has finished pausing them
+        self._closed = False
+        self._settled = True  # False after a resumed sweep restored trials, until settle() ran
+        if mode is not None:
+            self._make_groups()
+
+    def _make_groups(self) -> None:
+        if self.groups is None:
+            self.groups = seed_groups.SeedGroups(self._rungs, self._group_size, self._reduction_factor, self._mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        if (self._metric and metric and metric != self._metric) or (self._mode and mode and mode != self._mode):
+            return False
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        if not self._metric or self._mode not in ("min", "max"):
+            return False
+        self._make_groups()
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        from ray.tune.experiment import Trial
+
+        last = trial.last_result or {}
+        if trial.status == Trial.TERMINATED:  # restored by --resume
+            state = "stopped" if last.get(self._status_key) == self._running else "finished"
+        elif trial.status == Trial.ERROR:
+            state = "dropped"
+        else:
+            state = "live"
+        held = self.groups.add(trial.trial_id, trial.config, state, last.get(self._time_attr), last.get(self._metric))
+        if held and trial.status == Trial.PENDING:
+            # Restored while it waited at a rung: Tune would start it and it would train past the
+            # rung undecided. It stays paused (its checkpoint is the rung's) until its group decides.
+            trial.set_status(Trial.PAUSED)
+        if last:
+            self._settled = False
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        epoch = result[self._time_attr]
+        final = epoch >= self._max_t or result.get(self._status_key, self._running) != self._running
+        verdict = self.groups.result(trial.trial_id, epoch, result[self._metric], final=final)
+        self._apply(tune_controller, verdict)
+        if verdict.trial == seed_groups.STOP:
+            if not final:
+                self._stopped_by_us.add(trial.trial_id)
+            return TrialScheduler.STOP
+        return TrialScheduler.PAUSE if verdict.trial == seed_groups.PAUSE else TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        how = "stopped" if trial.trial_id in self._stopped_by_us else "finished"
+        self._apply(tune_controller, self.groups.end(trial.trial_id, how, (result or {}).get(self._metric)))
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._apply(tune_controller, self.groups.end(trial.trial_id, "dropped"))
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        how = "stopped" if trial.trial_id in self._stopped_by_us else "dropped"
+        self._apply(tune_controller, self.groups.end(trial.trial_id, how))
+
+    def choose_trial_to_run(self, tune_controller):
+        from ray.tune.experiment import Trial
+
+        if not self._settled:  # a resumed sweep: stopped groups stop, passed rungs release, ready rungs decide
+            self._settled = True
+            self._apply(tune_controller, self.groups.settle())
+        self._stop_paused(tune_controller)
+        if not self._closed and tune_controller.search_alg.is_finished():
+            # A group the searcher left short of seeds (it stopped early) must not wait forever.
+            self._closed = True
+            self._apply(tune_controller, self.groups.close())
+        trials = tune_controller.get_trials()
+        # Never a paused seed that waits for its group: it would train past the rung undecided.
+        for trial in trials:
+            if trial.status == Trial.PAUSED and trial.trial_id in self.groups.released:
+                return trial
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        return None
+
+    def _apply(self, tune_controller, verdict: seed_groups.Verdict) -> None:
+        self._to_stop.update(verdict.stop)  # released seeds need nothing: choose_trial_to_run resumes them
+        self._stop_paused(tune_controller)
+
+    def _stop_paused(self, tune_controller) -> None:
+        """Stop the seeds a group decision stopped; one Tune is still pausing waits for the next step."""
+        from ray.tune.experiment import Trial
+
+        if not self._to_stop:
+            return
+        for trial in list(tune_controller.get_trials()):
+            if trial.trial_id in self._to_stop and trial.status in (Trial.PAUSED, Trial.PENDING):
+                self._to_stop.discard(trial.trial_id)
+                self._stopped_by_us.add(trial.trial_id)
+                tune_controller.stop_trial(trial)
+            elif trial.trial_id in self._to_stop and trial.status in (Trial.TERMINATED, Trial.ERROR):
+                self._to_stop.discard(trial.trial_id)
+
+    def debug_string(self) -> str:
+        return f"Seed-aware ASHA at epochs {self._rungs}: {self.groups.summary() if self.groups else ''}"
+
+
 def _searcher_and_space(space: SearchSpace):
     from ray import tune
 
     if space.search.method == "grid":
-        param_space = {"grid_entry": tune.grid_search(space.search.grid), "seed": tune.grid_search(space.seed_list)}
+        # The seed axis is `__trial_index__` (run_sweep_trial maps it to space.seed_list), not `seed`:
+        # Tune varies the alphabetically first grid key fastest, so the seeds of one configuration
+        # are created one after another, as Repeater creates them. With a concurrency limit and a
+        # seed-aware scheduler they must be: a seed paused at a rung waits for its siblings, and
+        # siblings queued behind every other configuration could never start.
+        param_space = {
+            "grid_entry": tune.grid_search(space.search.grid),
+            "__trial_index__": tune.grid_search(list(range(len(space.seed_list)))),
+        }
         return None, param_space, 1
     import optuna
-    from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     samplers = {
@@ -248,21 +428,29 @@ def _searcher_and_space(space: SearchSpace):
     repeats = len(space.seed_list)
     if repeats > 1:
         # Each proposal is trained once per seed; Optuna is told the mean over seeds.
-        searcher = Repeater(searcher, repeat=repeats, set_index=True)
+        searcher = SeedRepeater(searcher, repeat=repeats, set_index=True)
     return searcher, {}, space.search.num_samples * repeats
 
 
 def _scheduler(space: SearchSpace, epochs: int):
     if space.scheduler.type == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
-        time_attr="training_iteration",
+    return SeedAwareASHA(
         max_t=epochs,
         grace_period=min(space.scheduler.grace_period, epochs),
         reduction_factor=space.scheduler.reduction_factor,
+        group_size=len(space.seed_list),
     )
+
+
+def _live_trial_limit(space: SearchSpace) -> int | None:
+    """Tune's `max_concurrent_trials`, which counts paused trials too. With the seed-aware
+    scheduler, all seeds of a configuration must be able to exist at once (a seed paused at a
+    rung waits for the others), so the limit is at least the number of seeds."""
+    limit = space.resources.max_concurrent
+    if limit is None or space.scheduler.type == "none":
+        return limit
+    return max(limit, len(space.seed_list))
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -343,8 +531,9 @@ class SweepOutcome:
     unsynced: int = 0  # trial journals the tracking server has not taken yet (see `irrep-study sync`)
 
     def to_dict(self) -> dict:
-        finished = [t for t in self.trials if t.get("test_mae_meV") is not None]
-        best = min(finished, key=lambda t: t["test_mae_meV"]) if finished else None
+        # Chosen on validation, never on test (DESIGN.md): the test MAE is only reported.
+        finished = [t for t in self.trials if t.get("best_val_mae_meV") is not None and t.get("test_mae_meV") is not None]
+        best = min(finished, key=lambda t: t["best_val_mae_meV"]) if finished else None
         return {
             "path": str(self.path),
             "experiment": self.experiment,
@@ -418,7 +607,7 @@ def run_sweep(
                 search_alg=searcher,
                 scheduler=_scheduler(space, base.epochs),
                 num_samples=num_samples,
-                max_concurrent_trials=space.resources.max_concurrent,
+                max_concurrent_trials=_live_trial_limit(space),
                 # A new worker process per trial pays torch's and e3nn's imports again (about 10 s on
                 # 2 cores, far longer than a short trial); a reused one keeps them. Trials share no
                 # state through it: each builds its own model, generators and tracking client.
@@ -450,7 +639,9 @@ def run_sweep(
             "status": "failed" if result.error else status,
             "epochs": metrics.get("epoch"),
             "val_mae_meV": _finite(metrics.get(METRIC)),
+            "best_val_mae_meV": _finite(metrics.get("best_val_mae_meV")),
             "test_mae_meV": _finite(metrics.get("test_mae_meV")),
+            "baseline_test_mae_meV": _finite(metrics.get("baseline_test_mae_meV")),
         })
     _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=True)
     # One pass: replay the trials' journals, then (only when nothing is left pending) end orphaned

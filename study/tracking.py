@@ -8,9 +8,12 @@ Names other parts rely on (see DESIGN.md):
   running | completed | stopped_early | diverged | failed | interrupted,
   `irrep_study.reason`, and
   `irrep_study.trial_id` (Ray Tune's trial id, which survives retries and `--resume`);
-- params: `TrialConfig.flat_params()` (`l_values` as "0,3,4,5,6");
+- params: `TrialConfig.flat_params()` (`l_values` as "0,3,4,5,6"), then at the end the fitted target
+  reference (`TargetReference.flat_params()`: `reference_kind`, `reference_intercept`,
+  `reference_scale`, `reference_coef_H`, ...);
 - metrics: `train_loss`, `val_mae_meV`, `norm_share_l{l}` per epoch (step = epoch), then
-  `test_mae_meV`, `best_val_mae_meV`, `num_params`, `train_seconds`;
+  `test_mae_meV`, `best_val_mae_meV`, `baseline_val_mae_meV`, `baseline_test_mae_meV` (the
+  composition fit on the same split), `num_params`, `train_seconds`;
 - artifacts at the run's root: `config.yaml`, `best_model.pt`, `test_embeddings.npz`
   (study/embeddings.py), `result.json`.
 """
@@ -34,7 +37,7 @@ REASON_TAG = "irrep_study.reason"
 TRIAL_ID_TAG = "irrep_study.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ARTIFACTS = ("config.yaml", "best_model.pt", "test_embeddings.npz", "result.json")
-FINAL_METRICS = ("test_mae_meV", "best_val_mae_meV", "num_params", "train_seconds")
+FINAL_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_val_mae_meV", "baseline_test_mae_meV", "num_params", "train_seconds")
 # MLflow's REST client retries for minutes by default; a preflight check should answer quickly.
 PREFLIGHT_TIMEOUT_S = 10
 

@@ -15,17 +15,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch_geometric.loader import DataLoader
 
-from study.config import TrialConfig
+from study.config import LEGACY_DEFAULTS, TrialConfig
 from study.data import QM9Dataset, QM9Tensors, load_qm9, split_indices, target_index
 from study.embeddings import compute_embeddings, save_embeddings
 from study.errors import UserError
 from study.model import IrrepConvModel, count_parameters
+from study.reference import TargetReference, element_counts, fit_composition
 
-CHECKPOINT_FORMAT = 1
+# Format 2 adds the target reference and the learning-rate scheduler's state; format 1
+# checkpoints (global mean/std, constant rate) still resume.
+CHECKPOINT_FORMAT = 2
+READABLE_CHECKPOINT_FORMATS = (1, 2)
 # Evaluation needs no gradients, so larger batches cost little memory and save Python overhead.
 EVAL_BATCH_SIZE = 128
 EMBEDDINGS_FILE = "test_embeddings.npz"
@@ -57,8 +62,11 @@ class TrialResult:
     test_mae_meV: float | None = None
     diverged_epoch: int | None = None
     reason: str | None = None
-    target_mean: float | None = None
+    target_mean: float | None = None  # the `mean` reference's numbers (None for `composition`)
     target_std: float | None = None
+    reference: dict | None = None  # TargetReference.to_dict(): how predictions are made absolute
+    baseline_val_mae_meV: float | None = None  # the composition fit on the same split
+    baseline_test_mae_meV: float | None = None
     history: list[EpochMetrics] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -67,14 +75,22 @@ class TrialResult:
 
 @dataclass
 class TrialData:
-    """The three splits of a trial, ready for loaders, with the target's standardisation."""
+    """The three splits of a trial, ready for loaders, with the target's reference.
+
+    `reference` is what the model trains against (study/reference.py); `composition` is the
+    composition fit on the same training split, the baseline every error is read against
+    (the same object as `reference` when the trial trains against it)."""
 
     train: QM9Dataset
     val: QM9Dataset
     test: QM9Dataset
     target_column: int
-    target_mean: float
-    target_std: float
+    reference: TargetReference
+    composition: TargetReference
+    composition_val: np.ndarray  # the composition fit's prediction of each validation molecule
+    composition_test: np.ndarray  # ... and of each test molecule, in dataset order
+    baseline_val_mae_meV: float
+    baseline_test_mae_meV: float
 
 
 def select_device(name: str) -> torch.device:
@@ -85,8 +101,9 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_data(config: TrialConfig, tensors: QM9Tensors) -> TrialData:
-    """Split (same split for every trial with the same split_seed) and standardise the target."""
+def prepare_data(config: TrialConfig, tensors: QM9Tensors, reference: TargetReference | None = None) -> TrialData:
+    """Split (same split for every trial with the same split_seed) and fit the target's reference
+    on the training split; `reference` (from a checkpoint) replaces the fit when given."""
     try:
         splits = split_indices(
             len(tensors),
@@ -101,18 +118,39 @@ def prepare_data(config: TrialConfig, tensors: QM9Tensors) -> TrialData:
         if len(indices) == 0:
             raise UserError(f"split: the {name} split is empty; raise subset or the {name} fraction")
     column = target_index(config.target)
-    if config.target_mean is not None:
-        mean, std = config.target_mean, config.target_std
-    else:
-        train_y = tensors.y[torch.as_tensor(splits["train"]), column]
-        mean, std = float(train_y.mean()), float(train_y.std())
-        if not std > 0:
-            raise UserError("target_std: the training split's target has zero spread; give target_std")
+    elements = sorted(int(z) for z in torch.unique(tensors.z))
+    counts = {name: element_counts(tensors.z, tensors.atom_ptr, indices, elements) for name, indices in splits.items()}
+    y = {name: tensors.y[torch.as_tensor(indices), column].numpy() for name, indices in splits.items()}
+    try:
+        composition = fit_composition(counts["train"], y["train"], elements)
+    except ValueError as exc:
+        raise UserError(f"target_reference: {exc}") from None
+    if reference is None:
+        reference = composition if config.target_reference == "composition" else _mean_reference(config, y["train"])
+    composition_val = composition.baseline_from_counts(counts["val"], elements)
+    composition_test = composition.baseline_from_counts(counts["test"], elements)
     datasets = {
         name: QM9Dataset(tensors, indices, edges=config.edges, cutoff=config.cutoff)
         for name, indices in splits.items()
     }
-    return TrialData(datasets["train"], datasets["val"], datasets["test"], column, float(mean), float(std))
+    return TrialData(
+        datasets["train"], datasets["val"], datasets["test"], column, reference, composition,
+        composition_val, composition_test,
+        baseline_val_mae_meV=float(np.abs(composition_val - y["val"]).mean() * 1000.0),
+        baseline_test_mae_meV=float(np.abs(composition_test - y["test"]).mean() * 1000.0),
+    )
+
+
+def _mean_reference(config: TrialConfig, train_y: np.ndarray) -> TargetReference:
+    """The seed's standardisation: the config's mean and std, else the training split's."""
+    if config.target_mean is not None:
+        return TargetReference.mean(config.target_mean, config.target_std)
+    # Computed with torch, as before references existed, so `mean` trials keep their numbers.
+    values = torch.as_tensor(train_y)
+    mean, std = float(values.mean()), float(values.std())
+    if not std > 0:
+        raise UserError("target_std: the training split's target has zero spread; give target_std")
+    return TargetReference.mean(mean, std)
 
 
 def build_model(config: TrialConfig) -> IrrepConvModel:
@@ -155,7 +193,7 @@ def evaluate(
     for batch in loader:
         batch = _to_device(batch, device, dtype)
         embedding = model.embed(batch)
-        predictions.append(embedding.prediction.double().cpu() * data.target_std + data.target_mean)
+        predictions.append(data.reference.absolute(embedding.prediction, batch).cpu())
         targets.append(batch.y[:, data.target_column].double().cpu())
         graph = embedding.graph.double()
         for block in layout.blocks:
@@ -185,9 +223,20 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise UserError(f"{path}: checkpoint is corrupt or unreadable ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+    if not isinstance(state, dict) or state.get("format") not in READABLE_CHECKPOINT_FORMATS:
+        raise UserError(f"{path}: not a checkpoint of format {' or '.join(map(str, READABLE_CHECKPOINT_FORMATS))}")
     return state
+
+
+def make_scheduler(config: TrialConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """The learning-rate schedule of `config` (None for `constant`); its state goes in checkpoints."""
+    if config.lr_schedule == "cosine":
+        # Stepped after every batch, down to 0 at the last one.
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    if config.lr_schedule == "plateau":
+        # Stepped once per epoch on the validation MAE.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    return None
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -199,12 +248,12 @@ class _NonFinite(Exception):
     """Training produced a non-finite number; the trial diverged."""
 
 
-def _train_epoch(model, optimizer, data: TrialData, loader, device, dtype, on_batch) -> float:
+def _train_epoch(model, optimizer, scheduler, data: TrialData, loader, device, dtype, on_batch) -> float:
     model.train()
     total, count = 0.0, 0
     for batch in loader:
         batch = _to_device(batch, device, dtype)
-        target = (batch.y[:, data.target_column].to(dtype) - data.target_mean) / data.target_std
+        target = data.reference.standardize(batch.y[:, data.target_column].to(dtype), batch)
         loss = F.mse_loss(model(batch), target)
         if not torch.isfinite(loss):
             raise _NonFinite("non-finite training loss")
@@ -216,10 +265,43 @@ def _train_epoch(model, optimizer, data: TrialData, loader, device, dtype, on_ba
         if not torch.isfinite(grad_norm):
             raise _NonFinite("non-finite gradient")
         optimizer.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            scheduler.step()
         total += loss.item() * batch.num_graphs
         count += batch.num_graphs
         on_batch()
     return total / count
+
+
+def _open_output(out_dir: Path, config: TrialConfig, resume: bool) -> dict | None:
+    """Create `out_dir`; the checkpoint to continue from (None: start fresh)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot create output folder ({exc.strerror})") from None
+    checkpoint_path = out_dir / "checkpoint.pt"
+    state = None
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        # The backend is not part of the function being trained: resuming with the other one is
+        # exact, and checkpoints written before the field existed lack it. Fields added later
+        # take the value that such checkpoints trained with.
+        saved = {**LEGACY_DEFAULTS, **{k: v for k, v in state["config"].items() if k != "backend"}}
+        if saved != config.model_dump(mode="json", exclude={"backend"}):
+            raise UserError(f"{checkpoint_path}: written by a different config; use another output folder")
+    elif checkpoint_path.exists():
+        raise UserError(f"{out_dir}: holds a checkpoint already; pass --resume to continue it or choose another folder")
+    (out_dir / "config.yaml").write_text(config.to_yaml())
+    return state
+
+
+def _saved_reference(state: dict | None) -> TargetReference | None:
+    """The reference a checkpoint trained against (format 1: its config's global mean and std)."""
+    if state is None:
+        return None
+    if "reference" in state:
+        return TargetReference.from_dict(state["reference"])
+    return None  # format 1: refitted from the same training split, which gives the same numbers
 
 
 def run_trial(
@@ -237,50 +319,43 @@ def run_trial(
     called after every training batch.
     """
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{out_dir}: cannot create output folder ({exc.strerror})") from None
     checkpoint_path = out_dir / "checkpoint.pt"
-    state = None
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        # The backend is not part of the function being trained: resuming with the other one is
-        # exact, and checkpoints written before the field existed lack it.
-        saved = {k: v for k, v in state["config"].items() if k != "backend"}
-        if saved != config.model_dump(mode="json", exclude={"backend"}):
-            raise UserError(f"{checkpoint_path}: written by a different config; use another output folder")
-    elif checkpoint_path.exists():
-        raise UserError(f"{out_dir}: holds a checkpoint already; pass --resume to continue it or choose another folder")
-    (out_dir / "config.yaml").write_text(config.to_yaml())
+    state = _open_output(out_dir, config, resume)
 
     tensors = tensors if tensors is not None else load_qm9()
-    data = prepare_data(config, tensors)
+    data = prepare_data(config, tensors, reference=_saved_reference(state))
     device = select_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    scheduler = make_scheduler(config, optimizer, batches_per_epoch)
     history: list[EpochMetrics] = []
     best_val, best_epoch, best_state = math.inf, None, None
     train_seconds, start_epoch = 0.0, 1
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
         history = [EpochMetrics(**m) for m in state["history"]]
         best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state"]
         train_seconds, start_epoch = state["train_seconds"], state["epoch"] + 1
 
     val_loader = DataLoader(data.val, batch_size=EVAL_BATCH_SIZE)
-    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    reference = data.reference
     result = TrialResult(
         status="completed",
         epochs_completed=start_epoch - 1,
         num_params=count_parameters(model),
         train_seconds=train_seconds,
-        target_mean=data.target_mean,
-        target_std=data.target_std,
+        target_mean=reference.intercept if reference.kind == "mean" else None,
+        target_std=reference.scale if reference.kind == "mean" else None,
+        reference=reference.to_dict(),
+        baseline_val_mae_meV=data.baseline_val_mae_meV,
+        baseline_test_mae_meV=data.baseline_test_mae_meV,
     )
 
     for epoch in range(start_epoch, config.epochs + 1):
@@ -297,7 +372,7 @@ def run_trial(
                 progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
 
         try:
-            train_loss = _train_epoch(model, optimizer, data, train_loader, device, dtype, on_batch)
+            train_loss = _train_epoch(model, optimizer, scheduler, data, train_loader, device, dtype, on_batch)
             val_predictions, val_targets, norm_share = evaluate(model, val_loader, data, device, dtype)
             val_mae = mae_milli(val_predictions, val_targets)
             if not math.isfinite(val_mae):
@@ -307,6 +382,8 @@ def run_trial(
             break
         finally:
             train_seconds += time.perf_counter() - started  # a diverged epoch counts too
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_mae)
         metrics = EpochMetrics(epoch, train_loss, val_mae, norm_share)
         history.append(metrics)
         if val_mae < best_val:
@@ -319,6 +396,8 @@ def run_trial(
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "reference": reference.to_dict(),
                 "best_state": best_state,
                 "best_val": best_val,
                 "best_epoch": best_epoch,
@@ -336,12 +415,10 @@ def run_trial(
     if result.status == "completed" and best_state is not None:
         model.load_state_dict(best_state)
         _atomic_save(best_state, out_dir / "best_model.pt")
-        test_loader = DataLoader(data.test, batch_size=EVAL_BATCH_SIZE)
-        result.test_mae_meV = mae_milli(*predict(model, test_loader, data, device, dtype))
-        embeddings = compute_embeddings(
-            model, data.test, config.target, data.target_column, data.target_mean, data.target_std, device, dtype
-        )
+        embeddings = compute_embeddings(model, data, config.target, device, dtype)
         save_embeddings(embeddings, out_dir / EMBEDDINGS_FILE)
+        # One pass over the test set: the embeddings hold the predictions the test MAE is made of.
+        result.test_mae_meV = float(np.abs(embeddings.prediction - embeddings.target).mean() * 1000.0)
         result.best_epoch, result.best_val_mae_meV = best_epoch, best_val
     (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -1,4 +1,5 @@
-"""Correlations across trials: exactness against scipy, planted relations, nulls, confounds."""
+"""Correlations across configurations: exactness against scipy, planted relations, nulls,
+confounds, configuration-level aggregation. (Calibration by simulation: test_analysis_calibration.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from scipy import stats
 
 from analysis.correlate import (
     MIN_N_FOR_INTERVAL,
-    benjamini_hochberg,
     correlate,
     correlate_scores,
+    covariate_design,
+    fdr,
     kendall_rows,
     molecule_correlations,
     spearman_rows,
@@ -57,7 +59,7 @@ def test_planted_null_intervals_cover_zero_and_p_values_are_not_small():
     assert small_p <= 4, small_p
 
 
-def test_partial_correlation_removes_a_relation_that_only_goes_through_model_size():
+def test_partial_correlation_on_size_removes_a_relation_that_only_goes_through_model_size():
     rng = np.random.default_rng(3)
     n = 60
     log_params = rng.uniform(np.log(1e3), np.log(1e5), size=n)
@@ -65,17 +67,33 @@ def test_partial_correlation_removes_a_relation_that_only_goes_through_model_siz
     # Bigger models have smaller error; the first score merely tracks size, with its own noise.
     error = 1e3 * np.exp(-log_params / 2 + rng.normal(scale=0.3, size=n))
     by_size = log_params + rng.normal(scale=0.6, size=n)
-    confounded = correlate(by_size, error, num_params, **FAST)
+    confounded = correlate(by_size, error, size=num_params, **FAST)
     assert confounded["rho"] < -0.7
     # Null spread of a correlation over 60 trials is about 0.13: 0.4 is three of those.
-    assert abs(confounded["partial_rho"]) < 0.4
+    assert abs(confounded["partial_rho_size"]) < 0.4
+    assert math.isnan(confounded["partial_rho"])  # no design covariate given: nothing to report
 
     # A score with an effect of its own keeps it once size is accounted for.
     own = rng.normal(size=n)
     error_2 = 1e3 * np.exp(-log_params / 2 + rng.normal(scale=0.3, size=n) + 0.8 * own)
-    real = correlate(own, error_2, num_params, **FAST)
-    assert real["partial_rho"] > 0.6 and real["p_partial"] < 0.01
-    assert real["partial_rho"] > real["rho"]  # size was noise for this score; removing it sharpens
+    real = correlate(own, error_2, size=num_params, **FAST)
+    assert real["partial_rho_size"] > 0.6 and real["p_partial_size"] < 0.01
+    assert real["partial_rho_size"] > real["rho"]  # size was noise for this score; removing it sharpens
+
+
+def test_a_covariate_with_few_levels_is_removed_whatever_the_shape_of_its_effect():
+    # Hidden size (3 levels) drives both score and error, non-monotonically; within a hidden size
+    # they are unrelated. Indicators of its levels remove it exactly; one rank would not.
+    rng = np.random.default_rng(8)
+    hidden = np.repeat([8, 16, 32], 8)
+    effect = np.select([hidden == 8, hidden == 16], [0.0, 5.0], 1.0)
+    score = effect + rng.normal(scale=0.5, size=24)
+    error = effect + rng.normal(scale=0.5, size=24)
+    design, used = covariate_design(pd.DataFrame({"hidden_dim": hidden, "num_layers": np.full(24, 2)}))
+    assert used == ["hidden_dim"] and design.shape == (24, 2)  # constant depth left out; 3 levels -> 2 indicators
+    result = correlate(score, error, design, **FAST)
+    assert result["rho"] > 0.6 and result["p_rho"] < 0.01
+    assert abs(result["partial_rho"]) < 0.4 and result["p_partial"] > 0.05
 
 
 def test_too_few_or_constant_values_give_no_invented_numbers():
@@ -90,29 +108,54 @@ def test_too_few_or_constant_values_give_no_invented_numbers():
     assert with_nan["n"] == 4
 
 
-def test_correlate_scores_makes_one_row_per_block_and_score():
+def test_correlate_scores_makes_one_row_per_block_and_score_over_configuration_means():
     rng = np.random.default_rng(4)
-    run_ids = [f"run{k}" for k in range(12)]
-    mae = rng.uniform(10, 100, size=12)
-    trials = pd.DataFrame({"run_id": run_ids, "test_mae_meV": mae, "num_params": rng.uniform(1e3, 1e4, 12)})
+    # 12 configurations x 2 seeds; the configuration's mean error is what the score tracks.
+    configurations = np.repeat([f"c{k}" for k in range(12)], 2)
+    config_mae = np.repeat(rng.uniform(10, 100, size=12), 2)
+    mae = config_mae + rng.normal(scale=1.0, size=24)
+    run_ids = [f"run{k}" for k in range(24)]
+    trials = pd.DataFrame({
+        "run_id": run_ids, "configuration": configurations, "test_mae_meV": mae,
+        "num_params": np.repeat(rng.uniform(1e3, 1e4, 12), 2), "hidden_dim": 8, "num_layers": 2, "lr": 1e-3,
+    })
     rows = []
     for k, run_id in enumerate(run_ids):
-        rows.append({"run_id": run_id, "block": "l0", "score": "tracks_error", "value": 2 * mae[k]})
+        rows.append({"run_id": run_id, "block": "l0", "score": "tracks_error", "value": 2 * config_mae[k]})
         rows.append({"run_id": run_id, "block": "l0", "score": "constant", "value": 1.0})
-        if k % 2 == 0:  # a block only half of the trials have
-            rows.append({"run_id": run_id, "block": "l3", "score": "tracks_error", "value": -mae[k]})
+        rows.append({"run_id": run_id, "block": "l0", "score": "knockout_all_share", "value": 1.0 / mae[k]})
+        if k % 4 < 2:  # a block only half of the configurations have
+            rows.append({"run_id": run_id, "block": "l3", "score": "tracks_error", "value": -config_mae[k]})
     table = correlate_scores(pd.DataFrame(rows), trials, **FAST)
     by_key = table.set_index(["block", "score"])
-    assert len(table) == 3
+    # The l0 knockout is a function of the error itself: not tested.
+    assert set(by_key.index) == {("l0", "tracks_error"), ("l0", "constant"), ("l3", "tracks_error")}
     assert by_key.loc[("l0", "tracks_error"), "rho"] == pytest.approx(1.0)
-    assert by_key.loc[("l3", "tracks_error"), "n"] == 6 and by_key.loc[("l3", "tracks_error"), "rho"] == pytest.approx(-1.0)
+    assert by_key.loc[("l0", "tracks_error"), ["n_configurations", "n_trials"]].tolist() == [12, 24]
+    assert by_key.loc[("l3", "tracks_error"), ["n_configurations", "n_trials"]].tolist() == [6, 12]
+    assert by_key.loc[("l3", "tracks_error"), "rho"] == pytest.approx(-1.0)
+    assert by_key.loc[("l0", "tracks_error"), "within_share"] == pytest.approx(0.0)  # the score is constant within configurations
+    assert by_key.loc[("l0", "tracks_error"), "covariates"] == "none"
+    assert by_key.loc[("l0", "tracks_error"), "mixed_slope"] > 0.9  # 2 seeds each: the mixed model has its say
     assert math.isnan(by_key.loc[("l0", "constant"), "rho"])
     finite = table.dropna(subset=["p_rho"])
     assert (finite["q_rho"] >= finite["p_rho"] - 1e-12).all()
 
 
-def test_benjamini_hochberg_by_hand():
-    q = benjamini_hochberg([0.01, 0.04, 0.03, np.nan, 0.5])
+def test_a_score_that_is_not_finite_in_any_trial_gives_an_empty_row_not_a_crash():
+    # E.g. a knockout share where the model never beat the composition fit (a real 1-epoch study hit this).
+    trials = pd.DataFrame({
+        "run_id": ["a", "b", "c", "d"], "configuration": ["c1", "c1", "c2", "c2"], "test_mae_meV": [5.0, 6.0, 7.0, 8.0],
+        "num_params": [10.0, 10.0, 20.0, 20.0], "hidden_dim": 8, "num_layers": 2, "lr": [1e-3, 1e-3, 1e-2, 1e-2],
+    })
+    scores = pd.DataFrame({"run_id": list(trials["run_id"]), "block": "l1", "score": "never_finite", "value": np.nan})
+    table = correlate_scores(scores, trials, **FAST)
+    row = table.set_index(["block", "score"]).loc[("l1", "never_finite")]
+    assert row["n_configurations"] == 0 and row["n_trials"] == 0 and math.isnan(row["rho"])
+
+
+def test_fdr_is_benjamini_hochberg_by_hand():
+    q = fdr([0.01, 0.04, 0.03, np.nan, 0.5])
     # sorted p: 0.01, 0.03, 0.04, 0.5 with m = 4 -> 0.04, 0.06, 0.0533 -> monotone 0.04, 0.0533, 0.0533, 0.5
     assert q[0] == pytest.approx(0.04) and q[2] == pytest.approx(0.16 / 3) and q[1] == pytest.approx(0.16 / 3)
     assert math.isnan(q[3]) and q[4] == pytest.approx(0.5)

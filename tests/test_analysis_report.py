@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from mlflow_trials import _one_torch_thread, one_torch_thread  # noqa: F401 (autouse fixture)
+from mlflow_trials import _one_torch_thread, console_script, one_torch_thread  # noqa: F401 (autouse fixture)
 
 from analysis.load import load_study
 from analysis.scores import ALL_SCORES
@@ -60,14 +58,7 @@ def quick_sweep_analysis(qm9, qm9_cache_dir, tmp_path_factory):
     space["scheduler"] = {"type": "none"}
     work = tmp_path_factory.mktemp("quick-e2e")
     (work / "quick.yaml").write_text(yaml.safe_dump(space))
-    env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir)}
-
-    def cli(*args: str) -> dict:
-        result = subprocess.run([sys.executable, "-m", "study.cli", *args, "--json"], cwd=work, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout)
-
+    cli = console_script(work, qm9_cache_dir)
     swept = cli("sweep", "quick.yaml", "--num-cpus", "2")
     analysed = cli("analyze", "--experiment", "quick", "--out", "analysis", "--bootstrap", "200")
     return swept, analysed, work / "analysis"
@@ -78,9 +69,15 @@ def test_a_real_quick_sweep_is_analysed_end_to_end(quick_sweep_analysis):
     completed = [t for t in swept["trials"] if t["status"] == "completed"]
     assert len(swept["trials"]) == 4 and len(completed) == 4  # 2 proposals x 2 seeds
     assert analysed["trials_analysed"] == 4 and analysed["parent_run_id"] is None
+    assert analysed["configurations_compared"] == 2  # two proposals, each with both seeds completed
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores["run_id"]) == {t["mlflow_run_id"] for t in completed}
     assert (out / "report.html").is_file() and (out / "correlations.csv").is_file()
+    # The report opens with the ablation effects: their table (and plot, where there is an effect).
+    page = (out / "report.html").read_text()
+    assert page.index("<h2>") == page.index("<h2>Ablation effects")
+    assert (out / "ablation.csv").is_file()
+    assert set(pd.read_csv(out / "configurations.csv")["n_trials"]) == {2}
 
 
 def test_analyze_writes_scores_correlations_figures_and_report(analyzed, logged_study):
@@ -88,7 +85,8 @@ def test_analyze_writes_scores_correlations_figures_and_report(analyzed, logged_
     assert document["trials_analysed"] == len(logged_study.trial_run_ids)
     assert document["trials_skipped"] == {"stopped_early": 1, "failed": 1}
     assert "4 completed trials" in stderr
-    for name in ("scores", "correlations", "trials", "within_trial", "molecules", "report", "correlation_heatmap", "score_vs_error"):
+    for name in ("ablation", "configurations", "scores", "configuration_scores", "correlations", "trials", "within_trial",
+                 "molecules", "report", "correlation_heatmap"):
         assert Path(document["files"][name]).is_file(), name
     # UMAP grids of the 3 best and 3 worst trials: with 4 trials, all of them.
     assert len(list(out.glob("umap_*.png"))) == len(logged_study.trial_run_ids)
@@ -112,18 +110,41 @@ def test_analyze_writes_scores_correlations_figures_and_report(analyzed, logged_
         assert by_key[("l0", "norm_share")] == pytest.approx(squared[:, l0.start : l0.stop].sum() / squared.sum(), rel=1e-9)
         for l in config.l_values:
             if l > 0:
-                assert by_key[(f"l{l}", "knockout_last_meV")] == 0.0
+                # Zeroing l >= 1 before the readout changes nothing: no share of the gain is lost
+                # (undefined, NaN, for a trial that does not beat the composition fit at all).
+                share = by_key[(f"l{l}", "knockout_last_share")]
+                assert share == 0.0 or math.isnan(share)
         assert by_key[("joint", "norm_share")] == pytest.approx(1.0)
 
+    trials = pd.read_csv(out / "trials.csv").set_index("run_id")
+    for run_id in logged_study.trial_run_ids:
+        result = logged_study.results[run_id]
+        assert trials.loc[run_id, "baseline_test_mae_meV"] == pytest.approx(result.baseline_test_mae_meV)
+        assert trials.loc[run_id, "test_over_baseline"] == pytest.approx(result.test_mae_meV / result.baseline_test_mae_meV)
+    # The unfinished trials share the first trial's configuration: it is left out of comparisons.
+    first = logged_study.trial_run_ids[0]
+    assert not trials.loc[first, "in_comparisons"] and trials["in_comparisons"].sum() == len(trials) - 1
+    compared = [r for r in logged_study.trial_run_ids if trials.loc[r, "in_comparisons"]]
+
     correlations = pd.read_csv(out / "correlations.csv")
-    assert {"block", "score", "rho", "rho_lo", "rho_hi", "p_rho", "tau", "p_tau", "partial_rho", "q_rho", "n"} <= set(correlations.columns)
-    n_by_block = correlations.groupby("block")["n"].max().to_dict()
-    with_l = lambda l: sum(l in logged_study.configs[r].l_values for r in logged_study.trial_run_ids)  # noqa: E731
-    assert n_by_block == {"l0": 4, "l1": with_l(1), "l2": with_l(2), "lgt0": 4, "joint": 4}
-    assert len(correlations) == len(n_by_block) * len(ALL_SCORES)
-    # Constant across trials (exactly 0 or 1 by construction): no correlation is invented for them.
+    assert {"block", "score", "n_configurations", "n_trials", "rho", "rho_lo", "rho_hi", "p_rho", "tau", "p_tau",
+            "covariates", "partial_rho", "partial_rho_size", "mixed_slope", "q_rho"} <= set(correlations.columns)
+    n_by_block = correlations.groupby("block")["n_configurations"].max().to_dict()
+    with_l = lambda l: sum(l in logged_study.configs[r].l_values for r in compared)  # noqa: E731
+    n = len(compared)
+    assert n_by_block == {"l0": n, "l1": with_l(1), "l2": with_l(2), "lgt0": n, "joint": n}
+    # Every block and score, less the l0 and joint knockouts (functions of the test MAE itself).
+    assert len(correlations) == len(n_by_block) * len(ALL_SCORES) - 4
+    assert not correlations["score"].str.startswith("knockout").where(correlations["block"].isin(["l0", "joint"]), False).any()
+    # Constant across configurations (exactly 1 by construction): no correlation is invented for it.
     by_key = correlations.set_index(["block", "score"])
-    assert math.isnan(by_key.loc[("l1", "knockout_last_meV"), "rho"]) and math.isnan(by_key.loc[("joint", "norm_share"), "rho"])
+    assert math.isnan(by_key.loc[("joint", "norm_share"), "rho"])
+
+    ablation = pd.read_csv(out / "ablation.csv")
+    assert set(ablation["l"]) == {1, 2} and set(ablation["method"]) == {"paired", "regression", "unpaired"}
+    assert {"effect_meV", "lo_meV", "hi_meV", "n_pairs", "n_configurations", "n_trials"} <= set(ablation.columns)
+    # The survivorship notes name the configuration that lost a seed.
+    assert any("left out of the correlations and ablation effects" in note for note in document["notes"])
 
     within = pd.read_csv(out / "within_trial.csv")
     assert set(within["run_id"]) == set(logged_study.trial_run_ids) and "nsps" in set(within["descriptor"])
@@ -138,7 +159,7 @@ def test_report_is_self_contained(analyzed, logged_study):
     assert len(images) >= 2 + len(logged_study.trial_run_ids)
     for run_id in logged_study.trial_run_ids:
         assert run_id in page
-    assert 'id="correlations"' in page and 'id="trials"' in page
+    assert 'id="correlations"' in page and 'id="trials"' in page and 'id="ablation"' in page and 'id="warnings"' in page
 
 
 def test_analysis_is_logged_to_mlflow_and_is_not_a_trial(analyzed, logged_study):
@@ -191,7 +212,10 @@ def test_analysis_never_imports_ray():
     # DESIGN.md: data flows one way and only study/sweep.py knows Ray; an analysis machine needs no Ray.
     import sys
 
-    modules = ["analysis." + name for name in ("load", "descriptors", "features", "scores", "knockout", "correlate", "plots", "report", "pipeline")]
+    modules = ["analysis." + name for name in (
+        "load", "descriptors", "features", "scores", "knockout", "correlate", "configurations", "survival", "ablation", "plots",
+        "report", "pipeline",
+    )]
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

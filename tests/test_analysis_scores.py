@@ -12,8 +12,10 @@ from scipy.spatial.transform import Rotation
 from torch_geometric.loader import DataLoader
 
 from analysis.descriptors import COLUMNS, describe, descriptors
-from analysis.features import analysis_blocks, channels_of, invariant_features
+from analysis.features import analysis_blocks, channel_magnitudes, channels_of
 from analysis.knockout import knockout_scores
+from study.config import REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD
+from study.reference import TargetReference
 from analysis.scores import (
     STRUCTURE_SCORES,
     UTILIZATION_SCORES,
@@ -52,9 +54,9 @@ def test_blocks_of_16x0e_16x1o_16x2e_have_16_48_80_dims_in_multiplicity_major_or
         assert channels.shape == (2, 16, 2 * block.l + 1)
         expected = 1000 * np.arange(16)[:, None] + np.arange(2 * block.l + 1)[None, :] + 0.5 * block.l
         assert np.array_equal(channels[0], expected)
-    # Invariants: m scalars for l = 0, the m(m+1)/2 power-spectrum entries for l >= 1.
-    assert invariant_features(x, layout.blocks[0]).shape == (2, 16)
-    assert invariant_features(x, layout.blocks[1]).shape == (2, 136)
+    # Invariants: the same count for every block (m scalars for l = 0, m channel norms for l >= 1),
+    # so no block wins a probe by having more features.
+    assert [channel_magnitudes(x, block).shape for block in layout.blocks] == [(2, 16)] * 3
 
 
 def test_each_score_reads_only_its_own_block():
@@ -115,11 +117,12 @@ def test_planted_signal_in_l0_and_noise_in_l1_rank_the_blocks_on_every_score():
     assert l0["dead_fraction"] < l1["dead_fraction"]
     # Magnitudes, not only order: the noise block has no signal, the planted block nearly all of it.
     assert l1["dead_fraction"] == pytest.approx(13 / 16)
-    assert l0["probe_r2_target"] > 0.9 and l0["probe_r2_nsps"] > 0.9
-    assert l1["probe_r2_target"] < 0.1 and l1["probe_r2_nsps"] < 0.1
-    assert abs(l1["knn_target"]) < 0.15 and abs(l1["knn_nsps"]) < 0.15 and l0["knn_target"] > 0.5
+    assert l0["probe_r2_residual"] > 0.9 and l0["probe_r2_nsps"] > 0.9
+    assert l1["probe_r2_residual"] < 0.1 and l1["probe_r2_nsps"] < 0.1
+    assert abs(l1["knn_residual"]) < 0.15 and abs(l1["knn_nsps"]) < 0.15 and l0["knn_residual"] > 0.5
     assert l0["norm_share"] > 0.9 and l0["variance_share"] > 0.9
-    assert l1["participation_ratio"] <= 3.0 + 1e-9
+    # 3 live channels of 16: at most 3/16 of the block's channel directions are used.
+    assert l1["participation_ratio"] <= 3.0 / 16 + 1e-9 and l1["effective_rank"] <= 3.0 / 16 + 1e-9
 
 
 def test_knn_consistency_baseline_is_the_exact_mean_pair_difference():
@@ -190,9 +193,9 @@ def test_every_score_is_unchanged_when_molecules_are_rotated(qm9, tmp_path):
             assert scores_rot.values[block][score] == pytest.approx(value, rel=1e-6, abs=1e-9), (block, score)
 
     # Knockouts too: the model's output is invariant, with or without a block zeroed.
-    mean, std = -76.1160, 10.3238
-    knocked = knockout_scores(model, upright, target, mean, std, dtype=torch.float64)
-    knocked_rot = knockout_scores(model, turned, target, mean, std, dtype=torch.float64)
+    reference = TargetReference.mean(REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD)
+    knocked = knockout_scores(model, upright, target, reference, dtype=torch.float64)
+    knocked_rot = knockout_scores(model, turned, target, reference, dtype=torch.float64)
     for block, deltas in knocked.deltas.items():
         for score, value in deltas.items():
             assert knocked_rot.deltas[block][score] == pytest.approx(value, abs=1e-6), (block, score)

@@ -11,8 +11,7 @@ import yaml
 
 from tests.services import free_port
 
-GOOD_TRIAL = {"l_values": [0, 1], "hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 1,
-              "target_mean": -76.1160, "target_std": 10.3238}
+GOOD_TRIAL = {"l_values": [0, 1], "hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 1}
 GOOD_SPACE = {"name": "bad-input", "trial": GOOD_TRIAL,
               "search": {"method": "grid", "grid": [{"l_values": [0]}]}, "scheduler": {"type": "none"}}
 

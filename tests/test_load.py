@@ -21,7 +21,7 @@ def test_sixteen_concurrent_trials_lose_no_metric_point(run_cli, tmp_path):
         space.write_text(yaml.safe_dump({
             "name": "load",
             "trial": {"l_values": [0, 1], "hidden_dim": 2, "num_layers": 0, "subset": 100, "epochs": EPOCHS,
-                      "batch_size": 16, "target_mean": -76.1160, "target_std": 10.3238},
+                      "batch_size": 16},
             "search": {"method": "grid", "grid": [{"l_values": [0, 1]}]},
             "seeds": list(range(1, 17)),
             "scheduler": {"type": "none"},

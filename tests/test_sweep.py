@@ -12,7 +12,7 @@ from study.embeddings import load_embeddings
 from study.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG
 from tests.services import MlflowServer, RayCluster
 
-TINY_TRIAL = {"hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 2, "target_mean": -76.1160, "target_std": 10.3238}
+TINY_TRIAL = {"hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 2}
 
 
 def write_space(path, **space):
@@ -53,6 +53,9 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
     report = json.loads(result.stdout)
     assert len(report["trials"]) == 4
     assert all(t["status"] == "completed" for t in report["trials"]), report["trials"]
+    # The sweep's best is chosen on validation; its test MAE is only reported.
+    assert report["best"]["best_val_mae_meV"] == min(t["best_val_mae_meV"] for t in report["trials"])
+    assert report["best"]["baseline_test_mae_meV"] > 0
 
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("two-nodes")
@@ -101,7 +104,9 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
     )
     rows = json.loads(ranked.stdout)["runs"]
     assert len(rows) == 3
-    assert [r["test_mae_meV"] for r in rows] == sorted(r.data.metrics["test_mae_meV"] for r in children)[:3]
+    # Ranked on validation, never on test (issue: no selection on the test set).
+    assert [r["best_val_mae_meV"] for r in rows] == sorted(r.data.metrics["best_val_mae_meV"] for r in children)[:3]
+    assert all(r["baseline_test_mae_meV"] > 0 and r["test_over_baseline"] > 0 for r in rows)
     from study.config import load_trial_config
 
     exported = load_trial_config(tmp_path / "winner.yaml")
@@ -126,6 +131,8 @@ def test_grid_with_seeds_and_asha_on_a_local_ray(run_cli, tmp_path):
     assert sorted((t["l_values"], t["seed"]) for t in trials) == [("0,1", 1), ("0,1", 2), ("0,2", 1), ("0,2", 2)]
     statuses = {t["status"] for t in trials}
     assert statuses <= {"completed", "stopped_early"} and "completed" in statuses
+    for l_values in ("0,1", "0,2"):  # the seeds of a grid entry continue or stop together
+        assert len({(t["status"], t["epochs"]) for t in trials if t["l_values"] == l_values}) == 1, trials
 
     # No --tracking-uri: a SQLite store in the working directory.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -155,3 +162,57 @@ def test_grid_with_seeds_and_asha_on_a_local_ray(run_cli, tmp_path):
     assert rows[0]["metric"] <= rows[1]["metric"]
     missing = run_cli("best", "--experiment", "no-such-study")
     assert missing.returncode == 2 and "no experiment named 'no-such-study'" in missing.stderr
+
+
+def test_seeds_of_a_configuration_continue_or_stop_together(run_cli, tmp_path):
+    """Seed-aware ASHA: 3 Optuna proposals x 2 seeds on one CPU, so the first seed of each
+    configuration always waits (paused) at a rung for the second, and resumes in its own run."""
+    from mlflow.tracking import MlflowClient
+    from ray.tune.search.optuna import OptunaSearch
+
+    epochs = 4
+    space = write_space(
+        tmp_path / "seeds.yaml",
+        name="seed-asha",
+        trial={**TINY_TRIAL, "epochs": epochs},
+        search={"method": "optuna", "sampler": "random", "num_samples": 3, "seed": 2,
+                "params": {"l_values": {"subsets_of": [0, 1, 2]}, "lr": {"loguniform": [1.0e-4, 3.0e-2]}}},
+        seeds=[1, 2],
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"cpus_per_trial": 1, "max_concurrent": 2},
+    )
+    report = json.loads(run_cli("sweep", str(space), "--num-cpus", "1", "--json", check_exit=0).stdout)
+    assert len(report["trials"]) == 6
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("seed-asha")
+    children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+    assert len(children) == 6  # one run per seed, paused and resumed or not
+    configurations: dict[tuple, list] = {}
+    for run in children:
+        configurations.setdefault((run.data.params["l_values"], run.data.params["lr"]), []).append(run)
+    assert len(configurations) == 3 and all(len(runs) == 2 for runs in configurations.values())
+    by_run = {t["mlflow_run_id"]: t for t in report["trials"]}
+    outcomes, seed_means = [], []
+    for runs in configurations.values():
+        statuses = {run.data.tags[STATUS_TAG] for run in runs}
+        assert len(statuses) == 1, statuses  # never one seed stopped and the other completed
+        status = statuses.pop()
+        assert status in ("completed", "stopped_early") and all(run.info.status == "FINISHED" for run in runs)
+        histories = [client.get_metric_history(run.info.run_id, "val_mae_meV") for run in runs]
+        steps = [sorted(m.step for m in history) for history in histories]
+        assert steps[0] == steps[1] == list(range(1, len(steps[0]) + 1))  # same epochs, each logged once
+        if status == "stopped_early":
+            assert len(steps[0]) < epochs and all("test_mae_meV" not in run.data.metrics for run in runs)
+        else:
+            assert len(steps[0]) == epochs and all("test_mae_meV" in run.data.metrics for run in runs)
+        assert {by_run[run.info.run_id]["status"] for run in runs} == {status}
+        outcomes.append(status)
+        seed_means.append(sum(max(history, key=lambda m: m.step).value for history in histories) / 2)
+    assert "completed" in outcomes and "stopped_early" in outcomes, outcomes
+
+    # Optuna was told, per proposal, the mean of its two seeds at the epoch where both ended.
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(report["path"])
+    told = sorted(trial.value for trial in searcher._ot_study.trials)
+    assert told == pytest.approx(sorted(seed_means))
