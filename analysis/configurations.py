@@ -18,12 +18,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from study.config import TrialConfig
-
-try:  # written by the trial-reference change; older trees have no legacy defaults to fill in
-    from study.config import LEGACY_DEFAULTS
-except ImportError:  # pragma: no cover
-    LEGACY_DEFAULTS: dict[str, str] = {}
+from study.config import LEGACY_DEFAULTS, TrialConfig
 
 REPLICATE_PARAM = "seed"
 BOOKKEEPING_PARAMS = ("device", "backend")

@@ -249,11 +249,8 @@ def knockout_shares(deltas_meV: dict[str, float], model_mae_meV: float, baseline
 
 
 def residual_target(embeddings) -> np.ndarray:
-    """The test targets minus the composition fit's predictions (embeddings format version 2)."""
-    baseline = getattr(embeddings, "composition_baseline", None)
-    if baseline is None:
-        raise ValueError("the embeddings carry no composition_baseline (written before format version 2)")
-    return np.asarray(embeddings.target, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    """The test targets minus the composition fit's predictions (study.embeddings.TestEmbeddings)."""
+    return np.asarray(embeddings.target, dtype=np.float64) - np.asarray(embeddings.composition_baseline, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------- one embedding

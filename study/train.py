@@ -136,8 +136,8 @@ def prepare_data(config: TrialConfig, tensors: QM9Tensors, reference: TargetRefe
     return TrialData(
         datasets["train"], datasets["val"], datasets["test"], column, reference, composition,
         composition_val, composition_test,
-        baseline_val_mae_meV=float(np.abs(composition_val - y["val"]).mean() * 1000.0),
-        baseline_test_mae_meV=float(np.abs(composition_test - y["test"]).mean() * 1000.0),
+        baseline_val_mae_meV=mae_milli(torch.from_numpy(composition_val), torch.from_numpy(y["val"])),
+        baseline_test_mae_meV=mae_milli(torch.from_numpy(composition_test), torch.from_numpy(y["test"])),
     )
 
 
@@ -173,14 +173,6 @@ def _to_device(batch, device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def predict(
-    model: IrrepConvModel, loader: DataLoader, data: TrialData, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions and targets in the target's own units (eV for energies), in loader order."""
-    predictions, targets, _ = evaluate(model, loader, data, device, dtype)
-    return predictions, targets
-
-
 @torch.no_grad()
 def evaluate(
     model: IrrepConvModel, loader: DataLoader, data: TrialData, device: torch.device, dtype: torch.dtype
@@ -418,7 +410,7 @@ def run_trial(
         embeddings = compute_embeddings(model, data, config.target, device, dtype)
         save_embeddings(embeddings, out_dir / EMBEDDINGS_FILE)
         # One pass over the test set: the embeddings hold the predictions the test MAE is made of.
-        result.test_mae_meV = float(np.abs(embeddings.prediction - embeddings.target).mean() * 1000.0)
+        result.test_mae_meV = mae_milli(torch.from_numpy(embeddings.prediction), torch.from_numpy(embeddings.target))
         result.best_epoch, result.best_val_mae_meV = best_epoch, best_val
     (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
