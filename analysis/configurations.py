@@ -18,10 +18,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from study.config import LEGACY_DEFAULTS, TrialConfig
+from study.config import EXECUTION_FIELDS, LEGACY_DEFAULTS, TrialConfig
 
 REPLICATE_PARAM = "seed"
-BOOKKEEPING_PARAMS = ("device", "backend")
+BOOKKEEPING_PARAMS = ("device", *EXECUTION_FIELDS)
 # Short names in labels, in this order first; other varying parameters follow by name.
 LABEL_NAMES = {"l_values": "l", "hidden_dim": "h", "num_layers": "layers", "lr": "lr"}
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch_geometric.loader import DataLoader
 
 from analysis.features import AnalysisBlock, analysis_blocks
+from study.data import CollatedSplit
 from study.errors import UserError
 from study.irreps import IrrepBlock
 from study.model import IrrepConvModel
@@ -73,12 +73,12 @@ def zeroed(model: IrrepConvModel, members: Sequence[IrrepBlock], where: str) -> 
 
 
 @torch.no_grad()
-def predictions(model: IrrepConvModel, dataset, reference: TargetReference, dtype: torch.dtype) -> np.ndarray:
+def predictions(model: IrrepConvModel, split: CollatedSplit, reference: TargetReference, dtype: torch.dtype) -> np.ndarray:
     """The model's predictions in the target's unit (made absolute by its reference), in dataset order."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for batch in DataLoader(dataset, batch_size=EVAL_BATCH_SIZE):
+    for batch in split.batches(EVAL_BATCH_SIZE):
         batch = batch.to(device)
         batch.pos = batch.pos.to(dtype)
         out.append(reference.absolute(model(batch), batch).cpu().numpy())
@@ -105,7 +105,9 @@ def knockout_scores(
     """Increase of the MAE (meV, thousandths of the target unit) when each block is zeroed."""
     targets = np.asarray(targets, dtype=np.float64)
     units = list(units) if units is not None else analysis_blocks(model.layout)
-    baseline = predictions(model, dataset, reference, dtype)
+    # Collated once, on the model's device: every knockout below is one more pass over it.
+    split = CollatedSplit(dataset, next(model.parameters()).device)
+    baseline = predictions(model, split, reference, dtype)
     baseline_mae = float(np.abs(baseline - targets).mean() * 1000.0)
     deltas: dict[str, dict[str, float]] = {}
     kept: dict[tuple[str, str], np.ndarray] = {}
@@ -115,7 +117,7 @@ def knockout_scores(
             if on_step is not None:
                 on_step(f"{unit.name}/{where}")
             with zeroed(model, unit.members, where):
-                knocked = predictions(model, dataset, reference, dtype)
+                knocked = predictions(model, split, reference, dtype)
             kept[(unit.name, where)] = knocked
             deltas[unit.name][f"knockout_{where}_meV"] = float(np.abs(knocked - targets).mean() * 1000.0) - baseline_mae
     return KnockoutResult(baseline_mae_meV=baseline_mae, baseline=baseline, deltas=deltas, predictions=kept)
@@ -130,7 +132,7 @@ def trial_knockout(trial, tensors, rows: np.ndarray | None = None, on_step: Call
     """
     from analysis.load import AnalysisError
     from study.data import QM9Dataset
-    from study.train import build_model, prepare_data, select_device
+    from study.train import build_model, model_dtype, prepare_data, select_device
 
     config = trial.config
     data = prepare_data(config, tensors)
@@ -144,7 +146,7 @@ def trial_knockout(trial, tensors, rows: np.ndarray | None = None, on_step: Call
     if rows is not None:
         test_indices, targets = test_indices[rows], targets[rows]
     dataset = QM9Dataset(tensors, test_indices, edges=config.edges, cutoff=config.cutoff)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    dtype = model_dtype(config)
     try:
         state = torch.load(trial.weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -1,10 +1,19 @@
-"""Training throughput and memory of the two tensor-product backends (``irrep-study bench``).
+"""Training throughput and memory of the tensor-product backends (``irrep-study bench``).
 
-Each configuration is measured in one process on the same real QM9 batches: both backends hold
+Each configuration is measured in one process on the same real QM9 batches: the backends hold
 the same parameters (the fast model loads the e3nn model's state dict), warm up, then take turns,
-one training step (forward, backward, AdamW) each, the order flipped every round so that a slow
-phase of a shared machine hits both. Reported per backend: the median step time as molecules/s,
+one training step (forward, backward, AdamW) each, the order rotated every round so that a slow
+phase of a shared machine hits all. Reported per backend: the median step time as molecules/s,
 the useful GFLOP/s of :func:`step_flops`, and the peak memory of one more, untimed step.
+
+Backends: e3nn's ``FullyConnectedTensorProduct``, the fast one (study/fast_tp.py), and, when
+``cuequivariance-torch`` is importable (``pip install -e '.[cueq]'``), NVIDIA cuEquivariance's
+``FullyConnectedTensorProduct`` (``mul_ir`` layout: e3nn's weight layout, so it takes the same
+per-edge weights) in the e3nn model's place: its CUDA kernels when ``cuequivariance-ops-torch`` is
+installed and the device is a GPU, else its PyTorch fallback (the report says which).
+
+``--lmax-sweep N`` measures l = 0..lmax for lmax = 1..N at hidden 16 and fits the growth
+exponent ``a`` of ``time ~ lmax^a`` (and of peak memory), to budget a study before launching it.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the step. On
 CPU torch keeps no allocator statistics, so it is the peak resident set size of the process during
@@ -18,27 +27,31 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.util
+import io
 import math
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch_geometric.loader import DataLoader
 
 from study.config import REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD
-from study.data import QM9Dataset, QM9Tensors, split_indices, target_index
+from study.data import CollatedSplit, QM9Dataset, QM9Tensors, split_indices, target_index
 from study.errors import UserError
 from study.fast_tp import fully_connected_paths
 from study.irreps import validate_l_values
 from study.model import BACKENDS, IrrepConvModel
 
-BENCH_FORMAT = 1
+BENCH_FORMAT = 2
+LMAX_SWEEP_HIDDEN = 16
 DEFAULT_CASES = ("0,1,2x32", "0-4x16", "0-6x16", "0,3,4,5,6x16", "0,1,2x32:radius")
 QUICK_CASES = ("0,1,2x4", "0,2x2:radius")
 SEED = 21616
@@ -116,16 +129,34 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def data_loading_rate(dataset: QM9Dataset, batch_size: int, num_batches: int) -> float:
-    """Molecules/s through the PyG DataLoader as training uses it (shuffled, no workers)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(SEED))
-    molecules = 0
+def data_loading(dataset: QM9Dataset, batch_size: int, device: torch.device) -> dict:
+    """Molecules/s of shuffled training batches on ``device``: from the split collated once (what
+    training uses), with the one-time collation, and through the PyG DataLoader (what it used)."""
+
+    def rate(batches: Callable[[], Iterable]) -> float:
+        # One epoch untimed first: its first batch pays one-time costs (lazy imports, allocator
+        # growth) that an epoch of training does not.
+        for _ in batches():
+            pass
+        molecules = 0
+        started = time.perf_counter()
+        for batch in batches():
+            molecules += batch.to(device).num_graphs
+        _synchronize(device)
+        return molecules / (time.perf_counter() - started)
+
     started = time.perf_counter()
-    for index, batch in enumerate(loader):
-        molecules += batch.num_graphs
-        if index + 1 == num_batches:
-            break
-    return molecules / (time.perf_counter() - started)
+    collated = CollatedSplit(dataset, device)
+    collate_seconds = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(SEED)
+    return {
+        "molecules_per_s": rate(lambda: collated.batches(batch_size, shuffle=True, generator=generator)),
+        "collate_seconds": collate_seconds,
+        "dataloader_molecules_per_s": rate(
+            lambda: DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        ),
+        "molecules": len(dataset),
+    }
 
 
 class PeakMemory:
@@ -190,18 +221,59 @@ def _synchronize(device: torch.device) -> None:
 def _batches(tensors: QM9Tensors, case: BenchCase, batch_size: int, count: int, device: torch.device) -> list:
     indices = split_indices(len(tensors), seed=SEED, fractions=(1.0, 0.0, 0.0), subset=batch_size * count)["train"]
     dataset = QM9Dataset(tensors, indices, edges=case.edges)
-    return [batch.to(device) for batch in DataLoader(dataset, batch_size=batch_size)]
+    return list(CollatedSplit(dataset, device).batches(batch_size))
 
 
-def _models(case: BenchCase, device: torch.device) -> dict[str, IrrepConvModel]:
+def cueq_status(device: torch.device) -> str | None:
+    """How cuEquivariance would run here: "cuda kernels", "pytorch fallback", or None if absent."""
+    if importlib.util.find_spec("cuequivariance_torch") is None:
+        return None
+    if device.type == "cuda" and importlib.util.find_spec("cuequivariance_ops_torch") is not None:
+        return "cuda kernels"
+    return "pytorch fallback"
+
+
+def bench_backends(device: torch.device) -> tuple[str, ...]:
+    return (*BACKENDS, "cueq") if cueq_status(device) else BACKENDS
+
+
+def _cueq_model(case: BenchCase, device: torch.device) -> IrrepConvModel:
+    """The e3nn model with every block's tensor product replaced by cuEquivariance's."""
+    import cuequivariance as cue
+    import cuequivariance_torch as cuet
+
+    model = IrrepConvModel(case.l_values, case.hidden_dim, num_layers=case.num_layers, backend="e3nn")
+    for block in [model.input_block, *model.blocks]:
+        irreps = [cue.Irreps("O3", str(i)) for i in (block.in_irreps, block.sh_irreps, block.out_irreps)]
+        block.tp = cuet.FullyConnectedTensorProduct(
+            *irreps, layout=cue.mul_ir, shared_weights=False, use_fallback=cueq_status(device) != "cuda kernels"
+        )
+    return model
+
+
+def _models(case: BenchCase, device: torch.device, backends: Sequence[str] = BACKENDS) -> dict[str, IrrepConvModel]:
     torch.manual_seed(SEED)
     models = {
         backend: IrrepConvModel(case.l_values, case.hidden_dim, num_layers=case.num_layers, backend=backend)
         for backend in BACKENDS
     }
-    # Same parameters in both: the comparison is of two evaluations of one function.
+    # Same parameters in all: the comparison is of evaluations of one function.
     models["fast"].load_state_dict(models["e3nn"].state_dict())
-    return {backend: model.to(device) for backend, model in models.items()}
+    if "cueq" in backends:
+        models["cueq"] = _cueq_model(case, device)
+        # Its tensor products hold no parameters; their e3nn constants have no counterpart there.
+        shared = {k: v for k, v in models["e3nn"].state_dict().items() if ".tp." not in k}
+        models["cueq"].load_state_dict(shared, strict=False)
+    return {backend: model.to(device) for backend, model in models.items() if backend in backends}
+
+
+def training_step(model: IrrepConvModel, optimizer: torch.optim.Optimizer, batch, column: int) -> None:
+    """One step as training takes it (forward, MSE on the standardised target, backward, AdamW)."""
+    target = (batch.y[:, column] - REFERENCE_U0_ATOM_MEAN) / REFERENCE_U0_ATOM_STD
+    loss = F.mse_loss(model(batch), target.to(batch.pos.dtype))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def bench_case(
@@ -212,27 +284,27 @@ def bench_case(
     batch_size: int,
     device: torch.device,
     log: Callable[[str], None],
+    backends: Sequence[str] = BACKENDS,
 ) -> dict:
     """Time ``repeats`` alternating training steps per backend after ``warmup`` each; see the module doc."""
     batches = _batches(tensors, case, batch_size, warmup + repeats, device)
-    models = _models(case, device)
+    models = _models(case, device, backends)
     column = target_index("U0_atom")
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in models.items()}
     with torch.no_grad():
         first = {name: model(batches[0]) for name, model in models.items()}
-    difference = float((first["fast"] - first["e3nn"]).abs().max() / first["e3nn"].abs().max())
+    scale = first["e3nn"].abs().max()
+    differences = {name: float((first[name] - first["e3nn"]).abs().max() / scale) for name in models if name != "e3nn"}
 
     def step(name: str, batch) -> None:
-        target = (batch.y[:, column] - REFERENCE_U0_ATOM_MEAN) / REFERENCE_U0_ATOM_STD
-        loss = F.mse_loss(models[name](batch), target)
-        optimizers[name].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[name].step()
+        training_step(models[name], optimizers[name], batch, column)
 
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for index, batch in enumerate(batches):
-        # Flip the order every round: neither backend always runs right after the other.
-        order = list(models) if index % 2 == 0 else list(reversed(models))
+        # Rotate the order every round: no backend always runs right after the same other one.
+        names = list(models)
+        shift = index % len(names)
+        order = names[shift:] + names[:shift]
         round_seconds = {}
         for name in order:
             _synchronize(device)
@@ -266,7 +338,8 @@ def bench_case(
         "mean_edges_per_batch": num_edges,
         "num_params": sum(p.numel() for p in models["fast"].parameters()),
         "flops_per_step": flops,
-        "prediction_relative_difference": difference,
+        "prediction_relative_difference": differences["fast"],
+        "prediction_relative_differences": differences,
         "backends": {},
     }
     for name in models:
@@ -278,12 +351,32 @@ def bench_case(
             "gflops_per_s": flops / median / 1e9,
             "peak_memory_mb": peaks[name] / 2**20 if peaks[name] is not None else None,
         }
+    for name, numbers in result["backends"].items():
+        numbers["vs_e3nn"] = numbers["molecules_per_s"] / result["backends"]["e3nn"]["molecules_per_s"]
     fast, e3nn = result["backends"]["fast"], result["backends"]["e3nn"]
-    result["speedup"] = fast["molecules_per_s"] / e3nn["molecules_per_s"]
+    result["speedup"] = fast["vs_e3nn"]
     result["memory_ratio"] = (
         fast["peak_memory_mb"] / e3nn["peak_memory_mb"] if fast["peak_memory_mb"] and e3nn["peak_memory_mb"] else None
     )
     return result
+
+
+def _header(device: torch.device, batch_size: int, repeats: int, warmup: int, backends: Sequence[str]) -> dict:
+    import e3nn
+
+    return {
+        "format": BENCH_FORMAT,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "e3nn": e3nn.__version__,
+        "backends": list(backends),
+        "cueq": cueq_status(device),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
 
 
 def run_bench(
@@ -298,58 +391,143 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """The whole benchmark as one JSON-ready document (format ``BENCH_FORMAT``)."""
-    import e3nn
-
     device = device or torch.device("cpu")
+    backends = bench_backends(device)
     started = time.perf_counter()
     log(f"matmul reference ({matmul_size}x{matmul_size}, float32)")
     report = {
-        "format": BENCH_FORMAT,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "e3nn": e3nn.__version__,
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "warmup": warmup,
+        **_header(device, batch_size, repeats, warmup, backends),
         "matmul_gflops": matmul_gflops(device, matmul_size),
         "data_loading": {},
         "configs": [],
     }
     pool = split_indices(len(tensors), seed=SEED, fractions=(1.0, 0.0, 0.0), subset=batch_size * loading_batches)["train"]
     for edges in sorted({case.edges for case in cases}):
-        rate = data_loading_rate(QM9Dataset(tensors, pool, edges=edges), batch_size, loading_batches)
-        report["data_loading"][edges] = {"molecules_per_s": rate, "batches": loading_batches}
-        log(f"data loading ({edges}): {rate:.0f} molecules/s")
+        loading = data_loading(QM9Dataset(tensors, pool, edges=edges), batch_size, device)
+        report["data_loading"][edges] = loading
+        log(f"data loading ({edges}): {loading['molecules_per_s']:.0f} molecules/s collated "
+            f"(once: {loading['collate_seconds']:.2f} s), {loading['dataloader_molecules_per_s']:.0f} through the PyG DataLoader")
     for case in cases:
         log(f"config {case.name} ({case.num_layers} layers, {case.edges} edges)")
-        report["configs"].append(bench_case(case, tensors, repeats, warmup, batch_size, device, log))
+        report["configs"].append(bench_case(case, tensors, repeats, warmup, batch_size, device, log, backends))
     report["seconds"] = time.perf_counter() - started
     return report
 
 
-def format_table(report: dict) -> str:
-    """A plain-text table of a :func:`run_bench` report (molecules/s, GFLOP/s, peak MB, ratios)."""
+def growth_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
+    """``a`` of the least-squares fit ``value ~ c * size^a`` (a line in log-log)."""
+    slope, _ = np.polyfit(np.log(np.asarray(sizes, dtype=float)), np.log(np.asarray(values, dtype=float)), 1)
+    return float(slope)
+
+
+def run_lmax_sweep(
+    tensors: QM9Tensors,
+    max_lmax: int,
+    num_layers: int,
+    repeats: int = 3,
+    warmup: int = 1,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Step time and peak memory of l = 0..lmax, hidden ``LMAX_SWEEP_HIDDEN``, for lmax = 1..max_lmax."""
+    device = device or torch.device("cpu")
+    backends = bench_backends(device)
+    started = time.perf_counter()
+    report = {**_header(device, batch_size, repeats, warmup, backends), "hidden_dim": LMAX_SWEEP_HIDDEN, "configs": []}
+    lmaxes = list(range(1, max_lmax + 1))
+    for lmax in lmaxes:
+        case = BenchCase(tuple(range(lmax + 1)), LMAX_SWEEP_HIDDEN, num_layers=num_layers)
+        log(f"lmax {lmax}: {case.name} ({num_layers} layers)")
+        report["configs"].append({"lmax": lmax, **bench_case(case, tensors, repeats, warmup, batch_size, device, log, backends)})
+    report["growth"] = {}
+    for name in backends:
+        seconds = [c["backends"][name]["median_step_seconds"] for c in report["configs"]]
+        memory = [c["backends"][name]["peak_memory_mb"] for c in report["configs"]]
+        report["growth"][name] = {
+            "time_exponent": growth_exponent(lmaxes, seconds) if len(lmaxes) > 1 else None,
+            "memory_exponent": (
+                growth_exponent(lmaxes, memory) if len(lmaxes) > 1 and all(m and m > 0 for m in memory) else None
+            ),
+        }
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _context_lines(report: dict) -> list[str]:
     lines = [
         f"device {report['device']} ({report['device_name']}), {report['threads']} threads, batch {report['batch_size']}, "
         f"median of {report['repeats']} steps after {report['warmup']} warm-up",
-        f"matmul reference: {report['matmul_gflops']:.1f} GFLOP/s (float32)",
     ]
-    for edges, loading in report["data_loading"].items():
-        lines.append(f"data loading ({edges}): {loading['molecules_per_s']:.0f} molecules/s")
-    header = f"{'config':<18}{'edges/batch':>12}{'GFLOP/step':>11}  {'e3nn mol/s':>11}{'fast mol/s':>11}{'speedup':>9}  " \
-             f"{'e3nn GF/s':>10}{'fast GF/s':>10}  {'e3nn MB':>8}{'fast MB':>8}"
-    lines += ["", header, "-" * len(header)]
-    for config in report["configs"]:
-        e3nn, fast = config["backends"]["e3nn"], config["backends"]["fast"]
+    if report.get("cueq"):
+        lines.append(f"cuEquivariance: {report['cueq']}")
+    return lines
 
-        def mb(value: float | None) -> str:
-            return f"{value:8.0f}" if value is not None and math.isfinite(value) else f"{'n/a':>8}"
 
-        lines.append(
-            f"{config['name']:<18}{config['mean_edges_per_batch']:>12.0f}{config['flops_per_step'] / 1e9:>11.2f}  "
-            f"{e3nn['molecules_per_s']:>11.1f}{fast['molecules_per_s']:>11.1f}{config['speedup']:>8.1f}x  "
-            f"{e3nn['gflops_per_s']:>10.2f}{fast['gflops_per_s']:>10.2f}  {mb(e3nn['peak_memory_mb'])}{mb(fast['peak_memory_mb'])}"
+def _backend_table(title: str, configs: list[dict], backends: Sequence[str], first: tuple[str, Callable[[dict], str]]):
+    from rich.table import Table
+
+    def mb(value: float | None) -> str:
+        return f"{value:.0f}" if value is not None and math.isfinite(value) else "n/a"
+
+    table = Table(title=title, title_justify="left")
+    table.add_column(first[0])
+    for column in ("edges/batch", "GFLOP/step"):
+        table.add_column(column, justify="right")
+    for name in backends:
+        table.add_column(f"{name} mol/s", justify="right")
+    for name in backends:
+        if name != "e3nn":
+            table.add_column(f"{name}/e3nn", justify="right")
+    for name in backends:
+        table.add_column(f"{name} GF/s", justify="right")
+    for name in backends:
+        table.add_column(f"{name} MB", justify="right")
+    for config in configs:
+        numbers = config["backends"]
+        table.add_row(
+            first[1](config),
+            f"{config['mean_edges_per_batch']:.0f}",
+            f"{config['flops_per_step'] / 1e9:.2f}",
+            *[f"{numbers[n]['molecules_per_s']:.1f}" for n in backends],
+            *[f"{numbers[n]['vs_e3nn']:.1f}x" for n in backends if n != "e3nn"],
+            *[f"{numbers[n]['gflops_per_s']:.2f}" for n in backends],
+            *[mb(numbers[n]["peak_memory_mb"]) for n in backends],
         )
-    return "\n".join(lines)
+    return table
+
+
+def _render(lines: list[str], table) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO(), highlight=False)
+    for line in lines:
+        console.print(line)
+    console.print(table)
+    return console.export_text().rstrip()
+
+
+def format_table(report: dict) -> str:
+    """A text table of a :func:`run_bench` report (molecules/s, ratios, GFLOP/s, peak MB)."""
+    lines = _context_lines(report) + [f"matmul reference: {report['matmul_gflops']:.1f} GFLOP/s (float32)"]
+    for edges, loading in report["data_loading"].items():
+        lines.append(
+            f"data loading ({edges}): {loading['molecules_per_s']:.0f} molecules/s from the collated split "
+            f"(collated once in {loading['collate_seconds']:.2f} s for {loading['molecules']} molecules); "
+            f"PyG DataLoader {loading['dataloader_molecules_per_s']:.0f} molecules/s"
+        )
+    return _render(lines, _backend_table("training steps", report["configs"], report["backends"], ("config", lambda c: c["name"])))
+
+
+def format_lmax_sweep(report: dict) -> str:
+    """A text table of a :func:`run_lmax_sweep` report, with the fitted growth exponents."""
+    lines = _context_lines(report)
+    for name, growth in report["growth"].items():
+        time_exponent, memory_exponent = growth["time_exponent"], growth["memory_exponent"]
+        lines.append(
+            f"{name}: step time ~ lmax^{time_exponent:.2f}" if time_exponent is not None else f"{name}: one lmax, no fit"
+        )
+        if memory_exponent is not None:
+            lines[-1] += f", peak memory ~ lmax^{memory_exponent:.2f}"
+    title = f"l = 0..lmax, hidden {report['hidden_dim']}"
+    return _render(lines, _backend_table(title, report["configs"], report["backends"], ("lmax", lambda c: str(c["lmax"]))))

@@ -10,12 +10,14 @@ beats counting atoms.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from study import tracking
-from study.config import LEGACY_DEFAULTS, TrialConfig
+from study.config import LEGACY_DEFAULTS, TrialConfig, _first_error
 from study.errors import UserError
+from study.paths import atomic_write
 
 
 SELECTION_METRIC = "best_val_mae_meV"
@@ -63,13 +65,13 @@ def config_from_params(params: dict[str, str]) -> TrialConfig:
 
 
 def export_config(row: dict, path: Path) -> None:
-    config = config_from_params(row["params"])
-    header = f"# exported by `irrep-study best` from MLflow run {row['run_id']}\n"
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(header + config.to_yaml())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"--export {path}: cannot write ({exc.strerror})") from None
+        config = config_from_params(row["params"])
+    except ValidationError as exc:
+        # A run logged by an older version may hold a value that today's config refuses.
+        field, message = _first_error(exc)
+        raise UserError(f"--export: run {row['run_id']} has params that are not a valid trial config ({field}: {message})") from None
+    header = f"# exported by `irrep-study best` from MLflow run {row['run_id']}\n"
+    text = header + config.to_yaml()
+    # A failed write (a full disk) leaves an earlier export whole and names the file.
+    atomic_write(path, lambda tmp: tmp.write_text(text), option="--export")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -20,6 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from study.errors import UserError
+from study.lvalues import MAX_L
+from study.paths import writable_file, writable_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -41,6 +44,7 @@ CacheDirOption = Annotated[
     typer.Option("--cache-dir", help="Where the processed QM9 cache lives (default: $IRREP_STUDY_CACHE or ~/.cache/irrep-study)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; logs go to stderr.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Start even when the memory estimate exceeds the free memory.")]
 
 
 @app.callback()
@@ -57,10 +61,41 @@ def _emit_json(document: dict) -> None:
     sys.stdout.flush()
 
 
+def _cache_folder(cache_dir: Optional[Path], subfolder: Optional[str] = None) -> Path:
+    """The QM9 cache folder (or `subfolder` of it), checked before any work: a built cache is only
+    read, so a read-only folder holding one will do; otherwise it must be a folder that can be written."""
+    from study.data import CACHE_FILE, default_cache_dir
+
+    if cache_dir is not None:
+        option = "--cache-dir"
+    elif os.environ.get("IRREP_STUDY_CACHE"):
+        option = "IRREP_STUDY_CACHE"
+    else:
+        option = "QM9 cache folder"
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if subfolder is not None:
+        return writable_folder(folder / subfolder, option)
+    if (folder / CACHE_FILE).is_file():
+        return folder
+    return writable_folder(folder, option)
+
+
 def _load_tensors(cache_dir: Optional[Path]):
     from study.data import load_qm9
 
-    return load_qm9(cache_dir, log=lambda message: log.print(message))
+    return load_qm9(_cache_folder(cache_dir), log=lambda message: log.print(message))
+
+
+def _check_memory(config, tensors, force: bool, what: str, copies: int = 1) -> None:
+    """Refuse, before any work, a configuration whose estimated peak memory exceeds the free memory."""
+    from study.resources import check_fits, estimate, gib
+    from study.train import select_device
+
+    found = estimate(config, tensors)
+    log.print(f"estimate: {found.num_params:,} parameters, {found.edges_per_batch:.0f} edges per batch, "
+              f"peak {gib(found.total_bytes)} per trial")
+    if not force:
+        check_fits(config, found, select_device(config.device), what, copies)
 
 
 @app.command()
@@ -125,6 +160,7 @@ def train(
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: runs/<config name>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")] = False,
+    force: ForceOption = False,
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -136,9 +172,12 @@ def train(
         raise UserError("--resume: give the --out folder of the run to continue")
     if out is None:
         out = Path("runs") / f"{config_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    writable_folder(out, "--out")
+    _cache_folder(cache_dir)
     from study.train import run_trial
 
     tensors = _load_tensors(cache_dir)
+    _check_memory(config, tensors, force, "train")
     log.print(
         f"trial: l_values={list(config.l_values)} hidden_dim={config.hidden_dim} epochs={config.epochs} "
         f"reference={config.target_reference} lr_schedule={config.lr_schedule} -> {out}"
@@ -199,6 +238,7 @@ def sweep(
     storage: Annotated[Path, typer.Option(help="Folder for Ray Tune's experiment state and checkpoints.")] = Path("ray_results"),
     resume: Annotated[bool, typer.Option(help="Continue the latest unfinished sweep of this space in --storage.")] = False,
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray (no --address); default: all.")] = None,
+    force: ForceOption = False,
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -207,9 +247,17 @@ def sweep(
     from study.space import load_search_space
 
     space = load_search_space(space_path)
+    writable_folder(storage, "--storage")
+    _cache_folder(cache_dir)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
     tensors = _load_tensors(cache_dir)
+    if address is None:
+        # Its largest configuration, as many at once as the space allows, on this machine. (On a
+        # cluster the trials run elsewhere: `irrep-study plan` gives the figures to budget it.)
+        from study.plan import concurrent_trials, largest_config
+
+        _check_memory(largest_config(space, tensors), tensors, force, "sweep", copies=concurrent_trials(space, num_cpus))
 
     from study.sweep import check_resources, connect_ray, redact, run_sweep
 
@@ -288,6 +336,8 @@ def best(
 
     if top <= 0:
         raise UserError(f"--top: must be positive, got {top}")
+    if export is not None:
+        writable_file(export, "--export")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     rows = best_runs(uri, experiment, metric, top, where)
     chosen_by = f"ranked by {metric}" + (" (a test metric: the winner is chosen on the test set)" if metric.startswith("test") else "")
@@ -348,6 +398,10 @@ def analyze(
     if out is None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         out = Path("analyses") / f"{safe}-{datetime.now():%Y%m%d-%H%M%S}"
+    writable_folder(out, "--out")
+    _cache_folder(cache_dir, subfolder="descriptors")  # the descriptor cache is written every time
+    if knockout:
+        _cache_folder(cache_dir)
     settings = AnalysisSettings(
         scores=ScoreSettings(seed=seed, max_molecules=max_molecules),
         knockout=knockout,
@@ -394,6 +448,26 @@ class BenchDevice(str, Enum):
 
 
 @app.command()
+def plan(
+    space_path: Annotated[Path, typer.Argument(metavar="SPACE.yaml", help="Search space (see search_spaces/).")],
+    steps: Annotated[int, typer.Option(help="Timed training steps per configuration (after 2 untimed ones).")] = 3,
+    cache_dir: CacheDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Budget a study before launching it: trials, memory and time per trial, total compute and wall time."""
+    from study.space import load_search_space
+
+    if steps < 1:
+        raise UserError(f"--steps: must be at least 1, got {steps}")
+    space = load_search_space(space_path)
+    _cache_folder(cache_dir)
+    from study.plan import format_plan, plan_study
+
+    report = plan_study(space, space_path.stem, _load_tensors(cache_dir), steps=steps, log=lambda message: log.print(message))
+    _print_report(report, as_json, format_plan)
+
+
+@app.command()
 def bench(
     configs: Annotated[
         Optional[list[str]],
@@ -406,33 +480,69 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
     device: Annotated[BenchDevice, typer.Option(help="auto picks a CUDA GPU when there is one.")] = BenchDevice.auto,
     quick: Annotated[bool, typer.Option("--quick", help="A smoke run of seconds: tiny models, one layer, one step.")] = False,
+    lmax_sweep: Annotated[
+        Optional[int],
+        typer.Option("--lmax-sweep", help="Instead: l = 0..lmax at hidden 16 for lmax = 1..N, with the growth exponent of time and memory."),
+    ] = None,
+    study: Annotated[
+        Optional[Path],
+        typer.Option("--study", help="Instead: a search space YAML, shrunk (--shrink) and trained end to end once per backend."),
+    ] = None,
+    shrink: Annotated[str, typer.Option(help="With --study: CONFIGSxSEEDSxEPOCHS of the space to run.")] = "4x1x2",
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Training throughput, FLOP rate and peak memory of the e3nn and fast tensor-product backends."""
+    """Training throughput, FLOP rate and peak memory of the tensor-product backends (e3nn, fast, and
+    cuEquivariance when installed); or their cost as lmax grows; or a whole shrunk study per backend."""
     import torch
 
-    from study.bench import DEFAULT_CASES, QUICK_CASES, format_table, parse_case, run_bench
+    from study.bench import DEFAULT_CASES, QUICK_CASES, format_lmax_sweep, format_table, parse_case, run_bench, run_lmax_sweep
     from study.train import select_device
 
+    # Checked here, not with typer's min=: a bad value gets the CLI's one-line error and exit code 2.
     for name, value, least in (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
-                               ("--num-layers", num_layers, 0), ("--threads", threads, 1)):
+                               ("--num-layers", num_layers, 0), ("--threads", threads, 1), ("--lmax-sweep", lmax_sweep, 1)):
         if value is not None and value < least:
             raise UserError(f"{name}: must be at least {least}, got {value}")
+    if lmax_sweep is not None and lmax_sweep > MAX_L:
+        raise UserError(f"--lmax-sweep: at most {MAX_L}, got {lmax_sweep}")
+    if study is not None and lmax_sweep is not None:
+        raise UserError("--study and --lmax-sweep: give one of them")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if study is not None:
+        from study.bench_study import format_study_bench, parse_shrink, run_study_bench
+        from study.space import load_search_space
+
+        plan = parse_shrink(shrink)
+        space = load_search_space(study)
+        report = run_study_bench(space, study.stem, plan, _load_tensors(cache_dir), device=device.value,
+                                 log=lambda message: log.print(message))
+        _print_report(report, as_json, format_study_bench)
+        return
     if quick:
         num_layers, repeats, warmup, batch_size = 1, 1, 1, 8
     cases = [parse_case(spec, num_layers) for spec in (configs or (QUICK_CASES if quick else DEFAULT_CASES))]
-    if threads is not None:
-        torch.set_num_threads(threads)
     tensors = _load_tensors(cache_dir)
+    on_device = select_device(device.value)
+    if lmax_sweep is not None:
+        report = run_lmax_sweep(tensors, lmax_sweep, num_layers, repeats=repeats, warmup=warmup, batch_size=batch_size,
+                                device=on_device, log=lambda message: log.print(message))
+        _print_report(report, as_json, format_lmax_sweep)
+        return
     report = run_bench(
-        tensors, cases, repeats=repeats, warmup=warmup, batch_size=batch_size, device=select_device(device.value),
+        tensors, cases, repeats=repeats, warmup=warmup, batch_size=batch_size, device=on_device,
         matmul_size=256 if quick else 2048, loading_batches=3 if quick else 50, log=lambda message: log.print(message),
     )
+    _print_report(report, as_json, format_table)
+
+
+def _print_report(report: dict, as_json: bool, as_text) -> None:
     if as_json:
         _emit_json(report)
     else:
-        typer.echo(format_table(report))
+        typer.echo(as_text(report))
+
 
 def main() -> None:
     try:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_geometric.loader import DataLoader
 
+from study.data import CollatedSplit
 from study.errors import UserError
 from study.irreps import IrrepsLayout
 from study.reference import TargetReference
@@ -69,7 +69,7 @@ def compute_embeddings(model, data, target_name: str, device: torch.device, dtyp
     model.eval()
     per_block: list[list[np.ndarray]] = []
     mol_id, index, smiles, target, prediction = [], [], [], [], []
-    for batch in DataLoader(data.test, batch_size=batch_size):
+    for batch in CollatedSplit(data.test, device).batches(batch_size):
         batch = batch.to(device)
         batch.pos = batch.pos.to(dtype)
         embedding = model.embed(batch)

@@ -6,7 +6,9 @@ Bessel radial basis, ``FullyConnectedNet`` for the per-edge weights, ``FullyConn
 for the messages and ``o3.Linear`` for the readout.
 
 Reference behaviour kept on purpose (it is the baseline of every comparison):
-- every block recomputes the spherical harmonics and radial basis of the edges (as the reference does);
+- the spherical harmonics and radial basis of the edges are the reference's (same function, same
+  constants); they are computed once per forward by :func:`edge_geometry` and shared by every block
+  (the reference recomputes them in each block: the same numbers, computed five times);
 - messages are summed, then divided by the constant ``degree_norm``, not by the actual degree;
 - the readout sees only the l = 0 channels (``o3.Linear`` to ``1x0e`` has no other path).
 
@@ -17,7 +19,9 @@ runs e3nn's own ``FullyConnectedTensorProduct``. The state dicts of the two are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +36,40 @@ from study.irreps import IrrepsLayout, irreps_for, validate_l_values
 # sqrt(37): the reference's estimate of the average number of neighbours in QM9.
 REFERENCE_DEGREE_NORM = 6.08275253
 BACKENDS = ("e3nn", "fast")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build under `dtype`: e3nn computes its constants (Clebsch-Gordan coefficients, so(3)
+    generators) in the default dtype, so a model built under float32 and cast with .double() holds
+    float32-rounded constants (the backends then agree to ~1e-9, not ~1e-15)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass
+class EdgeGeometry:
+    """What every block needs of the edges: their spherical harmonics and radial basis."""
+
+    sh: Tensor  # [E, sum(2l + 1)] for the model's l_values, "integral" normalisation
+    radial: Tensor  # [E, edge_dim] Bessel basis of |r_ij| with the cutoff envelope
+
+
+def edge_geometry(pos: Tensor, edge_index: Tensor, l_values: Sequence[int], edge_dim: int, cutoff: float) -> EdgeGeometry:
+    """The reference's edge features, computed once per forward and shared by all blocks."""
+    # Source minus destination, as in the reference; the sign matters for odd l.
+    edge_vec = pos[edge_index[0]] - pos[edge_index[1]]
+    # A plain list of l (not an Irreps object), so that torch.compile traces through it.
+    sh = o3.spherical_harmonics(list(l_values), edge_vec, normalize=True, normalization="integral")
+    # The Bessel basis has no normalisation constant; the reference rescales by sqrt(edge_dim).
+    radial = soft_one_hot_linspace(
+        edge_vec.norm(dim=-1), start=0.0, end=cutoff, number=edge_dim, basis="bessel", cutoff=True
+    ) * edge_dim**0.5
+    return EdgeGeometry(sh, radial)
 
 
 class InteractionBlock(nn.Module):
@@ -55,6 +93,7 @@ class InteractionBlock(nn.Module):
         self.in_irreps = o3.Irreps(in_irreps)
         self.sh_irreps = irreps_for(self.l_values, 1)
         self.out_irreps = irreps_for(self.l_values, hidden_dim)
+        self.out_dim = self.out_irreps.dim  # a plain int: forward touches no e3nn objects (torch.compile)
         self.edge_dim = int(edge_dim)
         self.cutoff = float(cutoff)
         self.degree_norm = float(degree_norm)
@@ -65,15 +104,13 @@ class InteractionBlock(nn.Module):
             self.tp = FusedRadialTensorProduct(self.in_irreps, self.sh_irreps, self.out_irreps)
         self.radial = FullyConnectedNet([self.edge_dim, hidden_dim, self.tp.weight_numel], torch.nn.functional.silu)
 
-    def forward(self, x: Tensor, pos: Tensor, edge_index: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, edge_index: Tensor, geometry: EdgeGeometry | None = None) -> Tensor:
+        """Messages summed per destination atom over ``degree_norm``; ``geometry`` of these edges is
+        computed here when not given (the model passes one shared by all its blocks)."""
+        if geometry is None:
+            geometry = edge_geometry(pos, edge_index, self.l_values, self.edge_dim, self.cutoff)
         src, dst = edge_index[0], edge_index[1]
-        # Source minus destination, as in the reference; the sign matters for odd l.
-        edge_vec = pos[src] - pos[dst]
-        sh = o3.spherical_harmonics(self.sh_irreps, edge_vec, normalize=True, normalization="integral")
-        # The Bessel basis has no normalisation constant; the reference rescales by sqrt(edge_dim).
-        radial = soft_one_hot_linspace(
-            edge_vec.norm(dim=-1), start=0.0, end=self.cutoff, number=self.edge_dim, basis="bessel", cutoff=True
-        ) * self.edge_dim**0.5
+        sh, radial = geometry.sh, geometry.radial
         if self.backend == "e3nn":
             messages = self.tp(x[src], sh, self.radial(radial))
         else:
@@ -84,7 +121,7 @@ class InteractionBlock(nn.Module):
             scale = 1.0 / (last.h_in * last.var_in / last.var_out) ** 0.5
             messages = self.tp(x[src], sh, self.radial.layer0(radial), last.weight, scale)
         # index_add over all nodes: atoms with no incoming edge (isolated atoms) get exact zeros.
-        out = torch.zeros(x.shape[0], self.out_irreps.dim, dtype=messages.dtype, device=messages.device)
+        out = torch.zeros(x.shape[0], self.out_dim, dtype=messages.dtype, device=messages.device)
         out = out.index_add(0, dst, messages)
         return out / self.degree_norm
 
@@ -158,17 +195,44 @@ class IrrepConvModel(nn.Module):
         """The layer loop shared by forward and embed: per-block node features, graph index, graph count."""
         pos, edge_index = batch.pos, batch.edge_index
         graph_index, num_graphs = _graph_index(batch)
-        x = self.input_block(self.atom_embedding(batch.z), pos, edge_index)
+        first = self.input_block
+        geometry = edge_geometry(pos, edge_index, self.l_values, first.edge_dim, first.cutoff)
+        x = first(self.atom_embedding(batch.z), pos, edge_index, geometry)
         node_features = [x]
         for block in self.blocks:
             # Out of place, so the features already stored for embed() are not modified.
-            x = block(x, pos, edge_index) + x
+            x = block(x, pos, edge_index, geometry) + x
             node_features.append(x)
         return node_features, graph_index, num_graphs
 
     def _predict(self, x: Tensor, graph_index: Tensor, num_graphs: int) -> Tensor:
         per_atom = self.readout(x)  # [n, 1]: only the l = 0 channels reach it
         return self.head(_sum_per_graph(per_atom, graph_index, num_graphs)).squeeze(-1)
+
+
+class CompiledOrEager(nn.Module):
+    """``torch.compile(model)``'s forward, or the model's own where compiling fails.
+
+    Compilation happens at the first call, so that is where it can fail (no C++ compiler, an
+    unsupported platform or torch build); the wrapper then warns once, in one line, and runs
+    eagerly from there on: the same function, so training goes on unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._compiled = torch.compile(model, dynamic=True)
+        self.failure: str | None = None
+
+    def forward(self, batch) -> Tensor:
+        if self.failure is None:
+            try:
+                return self._compiled(batch)
+            except Exception as exc:  # torch raises many types from its compiler stack
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                self.failure = f"{type(exc).__name__}: {first_line}"
+                warnings.warn(f"compile: torch.compile is unavailable here ({self.failure}); training without it", stacklevel=2)
+        return self.model(batch)
 
 
 def _graph_index(batch) -> tuple[Tensor, int]:

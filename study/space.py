@@ -32,12 +32,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study.config import ConfigError, TrialConfig, _first_error, read_yaml
+from study.config import MAX_SEED, ConfigError, TrialConfig, _first_error, read_yaml, show_key
 from study.lvalues import MAX_L
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # .inf and .nan bounds or resources would only fail inside Optuna or Ray, after the sweep started.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Dimension(_Strict):
@@ -82,7 +83,7 @@ class Search(_Strict):
     method: Literal["optuna", "grid"] = "optuna"
     sampler: Literal["tpe", "random", "cmaes"] = "tpe"
     num_samples: int = Field(8, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     params: dict[str, Dimension] = Field(default_factory=dict)
     grid: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -98,7 +99,7 @@ class Search(_Strict):
             raise ValueError("search.params is only read with method: optuna")
         for name, dimension in self.params.items():
             if dimension.kind in ("subsets_of", "lmax") and name != "l_values":
-                raise ValueError(f"params.{name}: {dimension.kind} applies to l_values only")
+                raise ValueError(f"params.{show_key(name)}: {dimension.kind} applies to l_values only")
             if name == "l_values" and dimension.kind not in ("subsets_of", "lmax", "choice"):
                 raise ValueError("params.l_values: use subsets_of, lmax or choice")
         return self
@@ -182,7 +183,7 @@ def _check_against_trial_config(space: SearchSpace, source: str) -> None:
         check(f"search.grid[{k}].", entry)
     for name, dimension in space.search.params.items():
         if name not in TrialConfig.model_fields:
-            raise ConfigError(f"{source}: search.params.{name}: not a trial config field")
+            raise ConfigError(f"{source}: search.params.{show_key(name)}: not a trial config field")
         if name == "seed":
             raise ConfigError(f"{source}: search.params.seed: list seeds under `seeds` instead")
         candidates: list[Any] = []

@@ -29,6 +29,7 @@ from ray.tune.search import Repeater
 from study import seed_groups, tracking
 from study.data import QM9Tensors
 from study.errors import UserError
+from study.paths import atomic_write
 from study.reference import TargetReference
 from study.space import OptunaSpace, SearchSpace, trial_overrides
 
@@ -63,10 +64,11 @@ def redact(uri: str) -> str:
 
 def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepContext) -> None:
     """Ray Tune function trainable: one trial, resumable from its last Tune checkpoint."""
+    import ray
     import torch
     from ray import tune
 
-    from study.train import run_trial
+    from study.train import cpu_fallback_warning, run_trial
 
     space = SearchSpace.model_validate(context.space)
     seed = space.seed_list[params.get("__trial_index__", 0)] if "seed" not in params else int(params["seed"])
@@ -80,7 +82,13 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
         context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
         run_name=f"{trial_id} l={l_text} h={config.hidden_dim} seed={seed}", spool_dir=Path(context.spool_dir),
     )
-    run.log_params(config.flat_params())
+    # Where the trial runs, beside its config: the GPUs Ray gave it ("" for none), and when
+    # `device: auto` cannot use them, the warning that it trains on the CPU instead.
+    placement = {"ray_gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
+    fallback = cpu_fallback_warning(config.device)
+    if fallback is not None:
+        placement["device_warning"] = fallback
+    run.log_params({**config.flat_params(), **placement})
     identity = {"l_values": l_text, "hidden_dim": config.hidden_dim, "seed": seed, "mlflow_run_id": run.run_id}
 
     work = Path(tempfile.mkdtemp(prefix=f"irrep-study-{trial_id}-"))
@@ -500,11 +508,11 @@ def check_resources(space: SearchSpace) -> None:
     wanted = space.resources
     if wanted.gpus_per_trial > most_gpus:
         raise UserError(
-            f"resources.gpus_per_trial: {wanted.gpus_per_trial} GPUs per trial, but no node of the cluster has more than {most_gpus:g}"
+            f"resources.gpus_per_trial: {wanted.gpus_per_trial:g} GPUs per trial, but no node of the cluster has more than {most_gpus:g}"
         )
     if wanted.cpus_per_trial > most_cpus:
         raise UserError(
-            f"resources.cpus_per_trial: {wanted.cpus_per_trial} CPUs per trial, but no node of the cluster has more than {most_cpus:g}"
+            f"resources.cpus_per_trial: {wanted.cpus_per_trial:g} CPUs per trial, but no node of the cluster has more than {most_cpus:g}"
         )
 
 
@@ -707,6 +715,5 @@ def _write_state(path: Path, space: SearchSpace, experiment: str, experiment_id:
         "tracking_uri": redact(tracking_uri),  # never a password in a file
         "finished": finished,
     }
-    tmp = path / (SWEEP_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path / SWEEP_FILE)
+    text = json.dumps(state, indent=2)
+    atomic_write(path / SWEEP_FILE, lambda tmp: tmp.write_text(text))

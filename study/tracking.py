@@ -231,9 +231,12 @@ class Replayer:
             self._open(operation)
         elif kind == "params":
             run_id = self._run_id(operation)
-            # Params are immutable in MLflow: log them once, on the first attempt.
-            if not mlflow_client.get_run(run_id).data.params:
-                log_params(self.uri, run_id, operation["params"])
+            # Params are immutable in MLflow: log each key once (a retried attempt's keys are there
+            # already; the fitted reference, logged at the end, adds new ones).
+            existing = mlflow_client.get_run(run_id).data.params
+            new = {key: value for key, value in operation["params"].items() if key not in existing}
+            if new:
+                log_params(self.uri, run_id, new)
         elif kind == "epoch":
             run_id, epoch = self._run_id(operation), operation["epoch"]
             if run_id not in self._logged_epochs:

@@ -11,20 +11,21 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch_geometric.loader import DataLoader
 
-from study.config import LEGACY_DEFAULTS, TrialConfig
-from study.data import QM9Dataset, QM9Tensors, load_qm9, split_indices, target_index
+from study.config import EXECUTION_FIELDS, LEGACY_DEFAULTS, TrialConfig
+from study.data import CollatedSplit, QM9Dataset, QM9Tensors, load_qm9, split_indices, target_index
 from study.embeddings import compute_embeddings, save_embeddings
 from study.errors import UserError
-from study.model import IrrepConvModel, count_parameters
+from study.paths import atomic_write
+from study.model import CompiledOrEager, IrrepConvModel, count_parameters, default_dtype
 from study.reference import TargetReference, element_counts, fit_composition
 
 # Format 2 adds the target reference and the learning-rate scheduler's state; format 1
@@ -93,9 +94,27 @@ class TrialData:
     baseline_test_mae_meV: float
 
 
+def cpu_fallback_warning(name: str) -> str | None:
+    """The warning `select_device(name)` gives, if any: `auto` falls back to the CPU although the
+    process was handed GPUs (Ray sets CUDA_VISIBLE_DEVICES for a trial that asked for some) that
+    torch cannot use. None when CUDA works, or when no GPU was named."""
+    if name != "auto" or torch.cuda.is_available():
+        return None
+    assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not assigned or assigned == "-1":
+        return None
+    return (f"device: auto: GPU(s) were assigned (CUDA_VISIBLE_DEVICES={assigned}) but torch finds no usable "
+            "CUDA device; training on the CPU")
+
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        fallback = cpu_fallback_warning(name)
+        if fallback is not None:
+            warnings.warn(fallback, stacklevel=2)
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was requested but no CUDA GPU is available")
     return torch.device(name)
@@ -153,17 +172,24 @@ def _mean_reference(config: TrialConfig, train_y: np.ndarray) -> TargetReference
     return TargetReference.mean(mean, std)
 
 
+def model_dtype(config: TrialConfig) -> torch.dtype:
+    return torch.float64 if config.dtype == "float64" else torch.float32
+
+
 def build_model(config: TrialConfig) -> IrrepConvModel:
-    return IrrepConvModel(
-        l_values=config.l_values,
-        hidden_dim=config.hidden_dim,
-        num_layers=config.num_layers,
-        atom_dim=config.atom_dim,
-        edge_dim=config.edge_dim,
-        cutoff=config.cutoff,
-        degree_norm=config.degree_norm,
-        backend=config.backend,
-    )
+    """The trial's model, built in its dtype: e3nn's and the fast backend's Clebsch-Gordan constants
+    are computed in the default dtype, so a float64 trial gets float64-exact constants."""
+    with default_dtype(model_dtype(config)):
+        return IrrepConvModel(
+            l_values=config.l_values,
+            hidden_dim=config.hidden_dim,
+            num_layers=config.num_layers,
+            atom_dim=config.atom_dim,
+            edge_dim=config.edge_dim,
+            cutoff=config.cutoff,
+            degree_norm=config.degree_norm,
+            backend=config.backend,
+        )
 
 
 def _to_device(batch, device: torch.device, dtype: torch.dtype):
@@ -175,7 +201,7 @@ def _to_device(batch, device: torch.device, dtype: torch.dtype):
 @torch.no_grad()
 @torch.no_grad()
 def evaluate(
-    model: IrrepConvModel, loader: DataLoader, data: TrialData, device: torch.device, dtype: torch.dtype
+    model: IrrepConvModel, loader: Iterable, data: TrialData, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
     """Predictions, targets, and the share of the graph embeddings' squared norm held by each l."""
     model.eval()
@@ -201,10 +227,15 @@ def mae_milli(predictions: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    # A crash mid-write must never leave a truncated checkpoint under the real name.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A crash or a full disk mid-write must never leave a truncated checkpoint under the real name."""
+
+    def save(temporary: Path) -> None:
+        try:
+            torch.save(obj, temporary)
+        except RuntimeError as exc:  # torch reports a failed write (ENOSPC) as a RuntimeError
+            raise OSError(str(exc).strip().splitlines()[0] if str(exc).strip() else "write failed") from None
+
+    atomic_write(path, save)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -275,11 +306,11 @@ def _open_output(out_dir: Path, config: TrialConfig, resume: bool) -> dict | Non
     state = None
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        # The backend is not part of the function being trained: resuming with the other one is
-        # exact, and checkpoints written before the field existed lack it. Fields added later
-        # take the value that such checkpoints trained with.
-        saved = {**LEGACY_DEFAULTS, **{k: v for k, v in state["config"].items() if k != "backend"}}
-        if saved != config.model_dump(mode="json", exclude={"backend"}):
+        # The backend and compilation are not part of the function being trained: resuming with
+        # another is exact, and checkpoints written before the fields existed lack them. Fields
+        # added later take the value that such checkpoints trained with.
+        saved = {**LEGACY_DEFAULTS, **{k: v for k, v in state["config"].items() if k not in EXECUTION_FIELDS}}
+        if saved != config.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)):
             raise UserError(f"{checkpoint_path}: written by a different config; use another output folder")
     elif checkpoint_path.exists():
         raise UserError(f"{out_dir}: holds a checkpoint already; pass --resume to continue it or choose another folder")
@@ -317,7 +348,7 @@ def run_trial(
     tensors = tensors if tensors is not None else load_qm9()
     data = prepare_data(config, tensors, reference=_saved_reference(state))
     device = select_device(config.device)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    dtype = model_dtype(config)
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(device=device, dtype=dtype)
@@ -336,7 +367,10 @@ def run_trial(
         best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state"]
         train_seconds, start_epoch = state["train_seconds"], state["epoch"] + 1
 
-    val_loader = DataLoader(data.val, batch_size=EVAL_BATCH_SIZE)
+    # Training steps go through torch.compile when asked; evaluation and saving use the model itself.
+    trained = CompiledOrEager(model) if config.compile else model
+    # Each split collated once, on the training device: batches are then a few gathers each.
+    train_split, val_split = CollatedSplit(data.train, device), CollatedSplit(data.val, device)
     reference = data.reference
     result = TrialResult(
         status="completed",
@@ -352,9 +386,7 @@ def run_trial(
 
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
-        train_loader = DataLoader(
-            data.train, batch_size=config.batch_size, shuffle=True, generator=_epoch_generator(config.seed, epoch)
-        )
+        train_loader = train_split.batches(config.batch_size, shuffle=True, generator=_epoch_generator(config.seed, epoch))
         done = 0
 
         def on_batch() -> None:
@@ -364,8 +396,8 @@ def run_trial(
                 progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
 
         try:
-            train_loss = _train_epoch(model, optimizer, scheduler, data, train_loader, device, dtype, on_batch)
-            val_predictions, val_targets, norm_share = evaluate(model, val_loader, data, device, dtype)
+            train_loss = _train_epoch(trained, optimizer, scheduler, data, train_loader, device, dtype, on_batch)
+            val_predictions, val_targets, norm_share = evaluate(model, val_split.batches(EVAL_BATCH_SIZE), data, device, dtype)
             val_mae = mae_milli(val_predictions, val_targets)
             if not math.isfinite(val_mae):
                 raise _NonFinite("non-finite validation error")

@@ -53,3 +53,14 @@ def logged_study(qm9, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow-study")
     return make_logged_study(root, qm9, ANALYSIS_TRIALS, unfinished=("stopped_early", "failed"))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` with a SQLite store on 127.0.0.1, one per test module (a server, not
+    a SQLite file, because concurrent trials write at the same time)."""
+    from tests.services import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

@@ -31,9 +31,12 @@ def wait_until(check, timeout: float, what: str) -> None:
 
 
 class RayCluster:
-    """A head node and `workers` more nodes, each with `cpus` CPUs, in a private temp dir."""
+    """A head node and `workers` more nodes, each with `cpus` CPUs, in a private temp dir.
 
-    def __init__(self, workers: int = 1, cpus: int = 1):
+    `gpus`: logical GPUs per node, which Ray schedules (and names in CUDA_VISIBLE_DEVICES) without
+    any real GPU; None lets Ray detect the machine's own."""
+
+    def __init__(self, workers: int = 1, cpus: int = 1, gpus: int | None = None):
         # Ray's socket paths must stay short (108 bytes), hence a short folder under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         self.port = free_port()
@@ -43,6 +46,8 @@ class RayCluster:
         self.client_env = {"RAY_AUTH_MODE": "token"}
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.client_env}
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--disable-usage-stats"]
+        if gpus is not None:
+            common += ["--num-gpus", str(gpus)]
         self._ray(
             "start", "--head", "--port", str(self.port), "--temp-dir", self.temp_dir,
             "--include-dashboard", "false", "--ray-client-server-port", str(free_port()), *common,

@@ -3,12 +3,14 @@ exit code 2, no traceback, and leaves everything already written as it was."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from pathlib import Path
 
 import pytest
 import yaml
 
+from study.errors import UserError
 from tests.services import free_port
 
 GOOD_TRIAL = {"l_values": [0, 1], "hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 1}
@@ -31,6 +33,12 @@ def space_file(folder: Path, **changes) -> str:
 def raw_file(folder: Path, text: str) -> str:
     path = folder / "raw.yaml"
     path.write_text(text)
+    return str(path)
+
+
+def a_folder(folder: Path) -> str:
+    path = folder / "a-folder"
+    path.mkdir(exist_ok=True)
     return str(path)
 
 
@@ -79,6 +87,35 @@ CASES = [
     ("best --top 0", lambda d: ["best", "--experiment", "Default", "--top", "0"], ["--top"]),
     ("data unknown target", lambda d: ["data", "--target", "energy"], ["--target", "energy"]),
     ("data non-positive subset", lambda d: ["data", "--subset", "0"], ["--subset"]),
+    # A model no machine here can hold: refused from its estimate, before it is built.
+    ("model beyond the free memory", lambda d: ["train", trial_file(d), "--set", "hidden_dim=2048", "--set", "l_values=0,1,2,3,4,5,6,7,8"],
+     ["train: l_values=", "needs an estimated", "--force"]),
+    ("sweep whose largest model is beyond the free memory",
+     lambda d: ["sweep", space_file(d, search={"method": "grid", "grid": [{"l_values": [0]}, {"l_values": list(range(9)), "hidden_dim": 2048}]})],
+     ["sweep: ", "trials at once of l_values=[0, 1, 2, 3, 4, 5, 6, 7, 8]", "needs an estimated", "--force"]),
+    # Output paths: refused before any training, Ray start, MLflow query or QM9 processing.
+    ("train --out is a file", lambda d: ["train", trial_file(d), "--out", str(d / "a-file")],
+     ["--out", "a-file", "exists and is not a folder"]),
+    ("analyze --out is a file", lambda d: ["analyze", "--experiment", "Default", "--out", str(d / "a-file")],
+     ["--out", "a-file", "exists and is not a folder"]),
+    ("analyze --out below a file", lambda d: ["analyze", "--experiment", "Default", "--out", str(d / "a-file" / "x")],
+     ["--out", "a-file", "is a file, not a folder"]),
+    ("sweep --storage is a file", lambda d: ["sweep", space_file(d), "--storage", str(d / "a-file")],
+     ["--storage", "a-file", "exists and is not a folder"]),
+    ("sweep --storage below a file", lambda d: ["sweep", space_file(d), "--storage", str(d / "a-file" / "ray")],
+     ["--storage", "a-file", "is a file, not a folder"]),
+    ("best --export is a folder", lambda d: ["best", "--experiment", "Default", "--export", a_folder(d)],
+     ["--export", "a-folder", "is a folder"]),
+    ("best --export below a file", lambda d: ["best", "--experiment", "Default", "--export", str(d / "a-file" / "best.yaml")],
+     ["--export", "a-file", "is a file, not a folder"]),
+    ("best --export in a missing folder", lambda d: ["best", "--experiment", "Default", "--export", str(d / "no" / "best.yaml")],
+     ["--export", "does not exist"]),
+    ("cache dir is a file", lambda d: ["data", "--cache-dir", str(d / "a-file")],
+     ["--cache-dir", "a-file", "exists and is not a folder"]),
+    ("train cache dir below a file", lambda d: ["train", trial_file(d), "--out", str(d / "run"), "--cache-dir", str(d / "a-file" / "qm9")],
+     ["--cache-dir", "a-file", "is a file, not a folder"]),
+    ("sweep cache dir is a file", lambda d: ["sweep", space_file(d), "--cache-dir", str(d / "a-file")],
+     ["--cache-dir", "a-file", "exists and is not a folder"]),
 ]
 
 
@@ -109,3 +146,79 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_changes_nothing(run_cli, tm
 
 def test_there_are_at_least_twenty_cases():
     assert len(CASES) >= 20
+
+
+def test_a_cache_folder_from_the_environment_that_is_a_file_is_named(run_cli, tmp_path):
+    (tmp_path / "a-file").write_text("a file where a folder is expected")
+    result = run_cli("data", env={"IRREP_STUDY_CACHE": str(tmp_path / "a-file")})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "error: IRREP_STUDY_CACHE " in result.stderr and "exists and is not a folder" in result.stderr
+
+
+def test_unwritable_folders_are_refused_before_any_work(tmp_path, monkeypatch):
+    # Tests run as root, where every folder is writable: os.access stands in for the permission bits.
+    from study import paths
+
+    (tmp_path / "old").mkdir()
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=r"^--out .*old: the folder is not writable$"):
+        paths.writable_folder(tmp_path / "old", "--out")
+    with pytest.raises(UserError, match=r"^--storage .*new/ray: its parent .*old is not writable$"):
+        paths.writable_folder(tmp_path / "old" / "new" / "ray", "--storage")
+    with pytest.raises(UserError, match=r"^--export .*best.yaml: folder .*old is not writable$"):
+        paths.writable_file(tmp_path / "old" / "best.yaml", "--export")
+    monkeypatch.undo()
+    assert paths.writable_folder(tmp_path / "old" / "new", "--out") == tmp_path / "old" / "new"
+    assert not (tmp_path / "old" / "new").exists()  # checking creates nothing
+    assert paths.writable_file(tmp_path / "best.yaml", "--export") == tmp_path / "best.yaml"
+
+
+def test_a_full_disk_mid_export_keeps_the_old_file_and_names_the_new_one(tmp_path, monkeypatch):
+    from study.best import export_config
+
+    target = tmp_path / "best.yaml"
+    target.write_text("# the export of an earlier run\n")
+    real_write_text = Path.write_text
+
+    def half_then_full(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)  # part of it reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    row = {"run_id": "abc123", "params": {"l_values": "0,1", "hidden_dim": "8"}}
+    with pytest.raises(UserError) as caught:
+        export_config(row, target)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert message == f"--export {target}: cannot write (No space left on device)"
+    assert target.read_text() == "# the export of an earlier run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]  # no half-written temporary left
+
+
+def test_a_full_disk_mid_sweep_state_keeps_the_old_state(tmp_path, monkeypatch):
+    from study import sweep
+    from study.space import SearchSpace
+
+    space = SearchSpace.model_validate(GOOD_SPACE)
+    sweep._write_state(tmp_path, space, "bad-input", "1", "parent", "sqlite:///mlflow.db", finished=False)
+    before = (tmp_path / sweep.SWEEP_FILE).read_text()
+
+    def full(self, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(UserError, match=r"irrep_study_sweep.json: cannot write \(No space left on device\)$"):
+        sweep._write_state(tmp_path, space, "bad-input", "1", "parent", "sqlite:///mlflow.db", finished=True)
+    monkeypatch.undo()
+    assert (tmp_path / sweep.SWEEP_FILE).read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [sweep.SWEEP_FILE]
+
+
+def test_exporting_a_run_whose_params_todays_config_refuses_is_one_line(tmp_path):
+    from study.best import export_config
+
+    row = {"run_id": "old-run", "params": {"l_values": "0,1", "seed": "-5"}}  # seeds are 0..2**32-1 now
+    with pytest.raises(UserError, match=r"^--export: run old-run has params that are not a valid trial config \(seed: "):
+        export_config(row, tmp_path / "best.yaml")
+    assert not (tmp_path / "best.yaml").exists()

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from rdkit import Chem
+from torch_geometric.loader import DataLoader
 
 from study.data import (
     CACHE_FILE,
     CACHE_META_FILE,
     TARGETS,
+    CollatedSplit,
     DataError,
     QM9Dataset,
     load_qm9,
@@ -259,3 +261,20 @@ def test_cli_data_json_reports_molecules_and_target_statistics(run_cli):
     bad = run_cli("data", "--target", "energy")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--target" in bad.stderr
+
+
+@pytest.mark.parametrize("edges", ["bonds", "radius"])
+def test_collated_split_serves_the_data_loaders_batches(qm9, edges):
+    # Training reads batches from a split collated once; they must be the PyG DataLoader's, batch
+    # for batch (same molecules in the same order, same fields), or seeds would change meaning.
+    indices = split_indices(len(qm9), seed=4, subset=300)["train"]
+    dataset = QM9Dataset(qm9, indices, edges=edges)
+    collated = CollatedSplit(dataset)
+    for shuffle in (True, False):
+        expected = DataLoader(dataset, batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(9))
+        got = list(collated.batches(32, shuffle=shuffle, generator=torch.Generator().manual_seed(9)))
+        assert len(got) == len(expected) == 8  # 240 molecules: the last batch is partial
+        for want, have in zip(expected, got):
+            for key in ("z", "pos", "y", "edge_index", "batch", "ptr", "mol_id", "idx"):
+                assert want[key].dtype == have[key].dtype and torch.equal(want[key], have[key]), key
+            assert want.smiles == have.smiles and want.num_graphs == have.num_graphs

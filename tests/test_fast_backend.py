@@ -17,9 +17,8 @@ from torch_geometric.loader import DataLoader
 from study.config import TrialConfig
 from study.data import QM9Dataset, split_indices
 from study.fast_tp import FusedRadialTensorProduct, fully_connected_paths
-from study.model import IrrepConvModel
+from study.model import IrrepConvModel, default_dtype
 from study.train import build_model
-from tests.torch_helpers import default_dtype
 
 # (l values, hidden_dim): the orders of SEED.md's configurations, small widths for speed.
 CASES = [
@@ -182,3 +181,21 @@ def test_config_selects_the_backend():
     assert isinstance(build_model(TrialConfig(**small)).input_block.tp, FusedRadialTensorProduct)
     with pytest.raises(ValueError, match="backend"):
         IrrepConvModel((0, 1), 2, backend="cuda-kernels")
+
+
+def test_a_float64_trial_builds_its_model_in_float64(qm9_batches):
+    # Built in float32 and cast, the Clebsch-Gordan constants keep float32 rounding: the backends
+    # then differ by ~1e-9. Built in float64 (as build_model does for a float64 trial) they agree
+    # to rounding of float64 arithmetic.
+    small = dict(l_values=(0, 1, 2, 3), hidden_dim=3, num_layers=1, dtype="float64")
+    torch.manual_seed(0)
+    reference = build_model(TrialConfig(**small, backend="e3nn"))
+    fast = build_model(TrialConfig(**small, backend="fast"))
+    fast.load_state_dict(reference.state_dict())
+    assert all(p.dtype == torch.float64 for p in reference.parameters())
+    assert all(b.dtype == torch.float64 for b in fast.buffers() if b.is_floating_point())
+    assert torch.get_default_dtype() == torch.float32  # the build left the default alone
+    batch = qm9_batches["bonds"]
+    expected = forward_and_gradients(reference, batch, torch.float64)
+    got = forward_and_gradients(fast, batch, torch.float64)
+    assert max(relative_error(got[name], expected[name]) for name in expected) < 1e-13

@@ -13,8 +13,7 @@ from e3nn import o3
 from torch_geometric.data import Batch, Data
 
 from study.irreps import IrrepsLayout, irreps_for
-from study.model import Embedding, InteractionBlock, IrrepConvModel, count_parameters
-from tests.torch_helpers import default_dtype
+from study.model import Embedding, InteractionBlock, IrrepConvModel, count_parameters, default_dtype
 
 CUTOFF = 6.0
 ELEMENTS = torch.tensor([1, 6, 7, 8, 9])
@@ -263,3 +262,20 @@ def test_rejects_invalid_l_values():
     with pytest.raises(ValueError, match="must include 0"):
         IrrepConvModel([1, 2], 4)
     assert IrrepConvModel([2, 0], 2, num_layers=0).hidden_irreps == irreps_for([0, 2], 2)
+
+
+@pytest.mark.parametrize("backend", ["fast", "e3nn"])
+def test_shared_edge_geometry_is_what_each_block_would_compute(backend):
+    # The model computes the edges' spherical harmonics and radial basis once and hands them to
+    # every block; a block left to compute its own (as the reference does) gives the same bits.
+    generator = torch.Generator().manual_seed(3)
+    batch = Batch.from_data_list([random_molecule(generator) for _ in range(3)])
+    with default_dtype(torch.float64):
+        torch.manual_seed(0)
+        model = IrrepConvModel([0, 2, 3], 4, num_layers=1, backend=backend)
+    shared = model(batch)
+    x = model.input_block(model.atom_embedding(batch.z), batch.pos, batch.edge_index)
+    for block in model.blocks:
+        x = block(x, batch.pos, batch.edge_index) + x
+    graph = torch.zeros(batch.num_graphs, 1, dtype=x.dtype).index_add(0, batch.batch, model.readout(x))
+    assert torch.equal(shared, model.head(graph).squeeze(-1))

@@ -10,7 +10,7 @@ import yaml
 
 from study.embeddings import load_embeddings
 from study.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG
-from tests.services import MlflowServer, RayCluster
+from tests.services import RayCluster
 
 TINY_TRIAL = {"hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 2}
 
@@ -25,13 +25,6 @@ def cluster():
     ray_cluster = RayCluster(workers=1, cpus=1)
     yield ray_cluster
     ray_cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield server
-    server.stop()
 
 
 def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, mlflow_server, run_cli, tmp_path):
@@ -70,6 +63,8 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
         assert run.data.tags[STATUS_TAG] == "completed" and run.info.status == "FINISHED"
         params = run.data.params
         assert params["hidden_dim"] == "4" and params["seed"] == "21616" and params["l_values"].startswith("0")
+        # The fitted reference, logged when the trial ends, reaches the run as well.
+        assert params["reference_kind"] == "composition" and "reference_intercept" in params
         history = client.get_metric_history(run.info.run_id, "val_mae_meV")
         assert sorted(m.step for m in history) == [1, 2]
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2

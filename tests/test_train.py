@@ -196,3 +196,43 @@ def test_embeddings_of_an_unknown_format_version_are_refused(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     with pytest.raises(EmbeddingsFormatError, match="not a readable embeddings file"):
         load_embeddings(tmp_path / "junk.npz")
+
+
+def test_compile_trains_the_same_function(qm9, tmp_path):
+    # torch.compile reorders floating-point work, so the numbers agree to rounding, not bits.
+    eager = run_trial(TrialConfig(**TINY, epochs=1), tmp_path / "eager", tensors=qm9)
+    compiled = run_trial(TrialConfig(**TINY, epochs=1, compile=True), tmp_path / "compiled", tensors=qm9)
+    assert compiled.status == "completed"
+    assert compiled.history[0].val_mae_meV == pytest.approx(eager.history[0].val_mae_meV, rel=1e-3)
+    assert compiled.test_mae_meV == pytest.approx(eager.test_mae_meV, rel=1e-3)
+
+
+def test_compile_falls_back_to_eager_with_one_warning(qm9, tmp_path, monkeypatch):
+    import torch
+
+    def unavailable(model, **options):
+        def fail(*args, **kwargs):
+            raise RuntimeError("Compiler: cc not found\nmore detail")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    eager = run_trial(TrialConfig(**TINY, epochs=1), tmp_path / "eager", tensors=qm9)
+    with pytest.warns(UserWarning, match=r"compile: torch.compile is unavailable here \(RuntimeError: Compiler: cc not found\)") as seen:
+        fallback = run_trial(TrialConfig(**TINY, epochs=1, compile=True), tmp_path / "fallback", tensors=qm9)
+    assert len([w for w in seen if "compile" in str(w.message)]) == 1
+    assert fallback.history[0].val_mae_meV == eager.history[0].val_mae_meV
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_naming_the_file(qm9, tmp_path, monkeypatch):
+    import torch
+
+    def full_disk(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:  # part of a file, as a real full disk leaves it
+            handle.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"checkpoint\.pt: cannot write \(\[enforce fail"):
+        run_trial(TrialConfig(**TINY, epochs=1), tmp_path, tensors=qm9)
+    # Neither a truncated checkpoint under the real name nor a temporary file is left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
