@@ -354,9 +354,10 @@ class CollatedSplit:
     molecules/s on one core, slower than a small model trains on a GPU). Here the split's atoms,
     edges and targets are concatenated once and each batch is a handful of vectorised gathers,
     then moved to ``device``. (Gathering on the GPU itself measured slower on an H200, 9,700
-    molecules/s: each batch's sizes need a few device-to-host synchronisations.) The batches are exactly the DataLoader's: the same molecule
-    order (the same ``RandomSampler`` draw from the same generator) and the same fields, dtypes
-    and edge order (z, pos, y, edge_index, batch, ptr, mol_id, idx, smiles).
+    molecules/s: each batch's sizes need a few device-to-host synchronisations.) The batches are
+    exactly the DataLoader's: the same molecule order (the same ``RandomSampler`` draw from the
+    same generator) and the same fields, dtypes and edge order (z, pos, y, edge_index, batch,
+    ptr, mol_id, idx, smiles).
     """
 
     def __init__(self, dataset: QM9Dataset, device: torch.device | str = "cpu") -> None:
