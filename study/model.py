@@ -221,17 +221,23 @@ class CompiledOrEager(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self._compiled = torch.compile(model, dynamic=True)
         self.failure: str | None = None
+        try:
+            self._compiled = torch.compile(model, dynamic=True)
+        except Exception as exc:  # some platforms refuse at once (e.g. a Python dynamo does not support)
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        self.failure = f"{type(exc).__name__}: {first_line}"
+        warnings.warn(f"compile: torch.compile is unavailable here ({self.failure}); training without it", stacklevel=3)
 
     def forward(self, batch) -> Tensor:
         if self.failure is None:
             try:
                 return self._compiled(batch)
             except Exception as exc:  # torch raises many types from its compiler stack
-                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-                self.failure = f"{type(exc).__name__}: {first_line}"
-                warnings.warn(f"compile: torch.compile is unavailable here ({self.failure}); training without it", stacklevel=2)
+                self._fail(exc)
         return self.model(batch)
 
 

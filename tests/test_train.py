@@ -236,3 +236,15 @@ def test_a_full_disk_while_checkpointing_is_one_error_naming_the_file(qm9, tmp_p
         run_trial(TrialConfig(**TINY, epochs=1), tmp_path, tensors=qm9)
     # Neither a truncated checkpoint under the real name nor a temporary file is left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_compile_refused_at_once_also_falls_back(qm9, tmp_path, monkeypatch):
+    import torch
+
+    def refused(model, **options):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    with pytest.warns(UserWarning, match=r"compile: torch.compile is unavailable here \(RuntimeError: Dynamo is not supported"):
+        result = run_trial(TrialConfig(**TINY, epochs=1, compile=True), tmp_path, tensors=qm9)
+    assert result.status == "completed"
