@@ -120,10 +120,10 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     b = torch.randn(size, size, device=device)
     times = []
     for index in range(repeats + 1):
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         a @ b
-        _synchronize(device)
+        synchronize(device)
         if index:
             times.append(time.perf_counter() - started)
     return 2 * size**3 / statistics.median(times) / 1e9
@@ -142,7 +142,7 @@ def data_loading(dataset: QM9Dataset, batch_size: int, device: torch.device) -> 
         started = time.perf_counter()
         for batch in batches():
             molecules += batch.to(device).num_graphs
-        _synchronize(device)
+        synchronize(device)
         return molecules / (time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -213,7 +213,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -307,10 +307,10 @@ def bench_case(
         order = names[shift:] + names[:shift]
         round_seconds = {}
         for name in order:
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             step(name, batch)
-            _synchronize(device)
+            synchronize(device)
             round_seconds[name] = time.perf_counter() - started
             if index >= warmup:
                 seconds[name].append(round_seconds[name])
@@ -497,13 +497,13 @@ def _backend_table(title: str, configs: list[dict], backends: Sequence[str], fir
     return table
 
 
-def _render(lines: list[str], table) -> str:
+def render_text(*items) -> str:
+    """Lines and rich tables, in order, as plain text (the reports' --json-less output)."""
     from rich.console import Console
 
     console = Console(width=200, record=True, file=io.StringIO(), highlight=False)
-    for line in lines:
-        console.print(line)
-    console.print(table)
+    for item in items:
+        console.print(item)
     return console.export_text().rstrip()
 
 
@@ -516,7 +516,7 @@ def format_table(report: dict) -> str:
             f"(collated once in {loading['collate_seconds']:.2f} s for {loading['molecules']} molecules); "
             f"PyG DataLoader {loading['dataloader_molecules_per_s']:.0f} molecules/s"
         )
-    return _render(lines, _backend_table("training steps", report["configs"], report["backends"], ("config", lambda c: c["name"])))
+    return render_text(*lines, _backend_table("training steps", report["configs"], report["backends"], ("config", lambda c: c["name"])))
 
 
 def format_lmax_sweep(report: dict) -> str:
@@ -530,4 +530,4 @@ def format_lmax_sweep(report: dict) -> str:
         if memory_exponent is not None:
             lines[-1] += f", peak memory ~ lmax^{memory_exponent:.2f}"
     title = f"l = 0..lmax, hidden {report['hidden_dim']}"
-    return _render(lines, _backend_table(title, report["configs"], report["backends"], ("lmax", lambda c: str(c["lmax"]))))
+    return render_text(*lines, _backend_table(title, report["configs"], report["backends"], ("lmax", lambda c: str(c["lmax"]))))

@@ -22,7 +22,6 @@ refused with a message that names the file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 from study.data import CollatedSplit
 from study.errors import UserError
+from study.paths import atomic_write
 from study.irreps import IrrepsLayout
 from study.reference import TargetReference
 
@@ -109,10 +109,7 @@ def save_embeddings(embeddings: TestEmbeddings, path: Path) -> None:
         "blocks": embeddings.block_names,
         "reference": embeddings.reference.to_dict(),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(
-        tmp,
+    arrays = dict(
         meta=np.asarray(json.dumps(meta)),
         mol_id=embeddings.mol_id,
         dataset_index=embeddings.dataset_index,
@@ -123,7 +120,13 @@ def save_embeddings(embeddings: TestEmbeddings, path: Path) -> None:
         graph=embeddings.graph,
         graph_per_block=embeddings.graph_per_block,
     )
-    os.replace(tmp, path)
+
+    def write(temporary: Path) -> None:
+        # Through a file object: given a name, numpy would append ".npz" to the temporary's.
+        with open(temporary, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(path, write)
 
 
 def load_embeddings(path: Path) -> TestEmbeddings:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from study.bench import training_step
+from study.bench import render_text, synchronize, training_step
 from study.config import TrialConfig
 from study.data import CollatedSplit, QM9Dataset, QM9Tensors, split_indices, target_index
 from study.resources import Estimate, available_bytes, estimate, gib
@@ -28,18 +28,6 @@ from study.space import SearchSpace
 from study.train import build_model, select_device
 
 WARMUP_STEPS = 2
-
-
-def _dimension_values(dimension) -> list[Any]:
-    """The values of a searched dimension that bound its cost (both ends of a range)."""
-    if dimension.choice is not None:
-        return list(dimension.choice)
-    for bounds in (dimension.uniform, dimension.loguniform, dimension.randint):
-        if bounds is not None:
-            return list(bounds)
-    if dimension.subsets_of is not None:
-        return [[0], sorted(dimension.subsets_of)]
-    return [[0], list(range(max(dimension.lmax) + 1))]
 
 
 def extreme_configs(space: SearchSpace, tensors: QM9Tensors) -> dict[str, TrialConfig]:
@@ -55,7 +43,7 @@ def extreme_configs(space: SearchSpace, tensors: QM9Tensors) -> dict[str, TrialC
     for name, pick in (("smallest", min), ("largest", max)):
         overrides: dict[str, Any] = {}
         for field, dimension in space.search.params.items():
-            values = _dimension_values(dimension)
+            values = dimension.bounding_values()
             cost = {k: estimate(space.trial_config({**overrides, field: v}, seed), tensors).total_bytes for k, v in enumerate(values)}
             overrides[field] = values[pick(cost, key=cost.get)]
         picked[name] = space.trial_config(overrides, seed)
@@ -90,12 +78,10 @@ def step_seconds(config: TrialConfig, tensors: QM9Tensors, steps: int) -> float:
     for index in range(WARMUP_STEPS + steps):
         batch = batches[index % len(batches)]
         batch.pos = batch.pos.to(dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         training_step(model, optimizer, batch, column)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         if index >= WARMUP_STEPS:
             seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
@@ -164,9 +150,6 @@ def _duration(seconds: float) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    import io
-
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"study {plan['study']}: {plan['trials']} trials ({plan['configurations']} configurations x "
@@ -190,8 +173,4 @@ def format_plan(plan: dict) -> str:
         + (f" of {gib(free)} free" if free is not None else ""),
         f"planned in {plan['plan_seconds']:.1f} s",
     ]
-    console = Console(width=200, record=True, file=io.StringIO(), highlight=False)
-    console.print(table)
-    for line in lines:
-        console.print(line)
-    return console.export_text().rstrip()
+    return render_text(table, *lines)

@@ -78,6 +78,24 @@ class Dimension(_Strict):
     def kind(self) -> str:
         return next(name for name in type(self).model_fields if getattr(self, name) is not None)
 
+    def bounding_values(self) -> list[Any]:
+        """The values that bound what this dimension can produce: every choice, both ends of a
+        range, and the smallest and largest l sets (what validation and `plan` look at)."""
+        if self.choice is not None:
+            return list(self.choice)
+        for bounds in (self.uniform, self.loguniform, self.randint):
+            if bounds is not None:
+                return list(bounds)
+        if self.subsets_of is not None:
+            return [[0], sorted(self.subsets_of)]
+        # lmax is always in the l set with 0; the orders below it are each in or out.
+        values: list[list[int]] = []
+        for lmax in sorted(set(self.lmax)):
+            for l_set in (sorted({0, lmax}), list(range(lmax + 1))):
+                if l_set not in values:
+                    values.append(l_set)
+        return values
+
 
 class Search(_Strict):
     method: Literal["optuna", "grid"] = "optuna"
@@ -186,20 +204,7 @@ def _check_against_trial_config(space: SearchSpace, source: str) -> None:
             raise ConfigError(f"{source}: search.params.{show_key(name)}: not a trial config field")
         if name == "seed":
             raise ConfigError(f"{source}: search.params.seed: list seeds under `seeds` instead")
-        candidates: list[Any] = []
-        if dimension.choice is not None:
-            candidates = list(dimension.choice)
-        elif dimension.uniform is not None:
-            candidates = list(dimension.uniform)
-        elif dimension.loguniform is not None:
-            candidates = list(dimension.loguniform)
-        elif dimension.randint is not None:
-            candidates = list(dimension.randint)
-        elif dimension.subsets_of is not None:
-            candidates = [sorted(dimension.subsets_of)]
-        elif dimension.lmax is not None:
-            candidates = [list(range(lmax + 1)) for lmax in dimension.lmax]
-        for value in candidates:
+        for value in dimension.bounding_values():
             check(f"search.params.{name}: value {value!r}: ", {name: value})
     for seed in space.seed_list:
         check("seeds: ", {"seed": seed})
