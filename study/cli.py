@@ -28,9 +28,18 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help, not typer's rich panels: those show every on/off flag as taking a value
+    # (`--json <bool>`, `--help <bool>`), which they do not.
+    rich_markup_mode=None,
+    # Up to 120 columns where the terminal has them (click's default stops at 80, cutting the
+    # command list's summaries short).
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
     help="Sweeps and ablations of equivariant GNNs over irrep configurations on QM9.",
 )
-log = Console(stderr=True, highlight=False)
+# soft_wrap: a long line (a path, a run id) stays one line in a log file instead of being cut at 80 columns.
+log = Console(stderr=True, highlight=False, soft_wrap=True)
+# The exit code of a process stopped by SIGINT (128 + 2), as shells report Ctrl-C.
+INTERRUPTED_EXIT = 130
 _debug = False
 
 
@@ -47,9 +56,27 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON documen
 ForceOption = Annotated[bool, typer.Option("--force", help="Start even when the memory estimate exceeds the free memory.")]
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("irrep-study")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        found = "unknown (not installed)"
+    typer.echo(f"irrep-study {found}")
+    raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    version: Annotated[
+        bool,
+        # Eager: answered before the command that would otherwise be required.
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
 ) -> None:
     global _debug
     _debug = debug
@@ -156,7 +183,9 @@ def data(
 def train(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Trial config (see configs/).")],
     overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config key: --set hidden_dim=16 --set l_values=0,1,2.")
+        Optional[list[str]],
+        # One KEY=VALUE per --set (typer would show the type as <list[str]>).
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: --set hidden_dim=16 --set l_values=0,1,2."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: runs/<config name>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")] = False,
@@ -273,6 +302,12 @@ def sweep(
     report = outcome.to_dict()
     if as_json:
         _emit_json(report)
+    if outcome.interrupted:
+        # Ctrl-C: Ray Tune saved its state and stopped the trials; say how to go on, exit as SIGINT does.
+        left = sum(trial["status"] == "interrupted" for trial in report["trials"])
+        log.print(f"interrupted: {left} trial(s) unfinished; continue with: irrep-study sweep {space_path} --resume")
+        raise typer.Exit(INTERRUPTED_EXIT)
+    if as_json:
         return
     best = report["best"]
     counts: dict[str, int] = {}
@@ -315,55 +350,83 @@ def sync(
 @app.command()
 def best(
     experiment: Annotated[str, typer.Option(help="MLflow experiment (the study name).")],
+    parent: Annotated[
+        Optional[str], typer.Option(help="Rank only the trials of this sweep (parent run id); default: every sweep of the study.")
+    ] = None,
     tracking_uri: TrackingUriOption = None,
     metric: Annotated[
         str,
         typer.Option(
             "--metric", "--by",
-            help="Rank by this metric, lowest first. Default: best validation MAE (choosing by test_mae_meV picks on the test set).",
+            help="Rank configurations by the mean of this metric over their seeds, lowest first; its column comes first. "
+                 "Default: the best validation MAE (ranking by test_mae_meV chooses on the test set).",
         ),
     ] = "best_val_mae_meV",
-    top: Annotated[int, typer.Option(help="How many runs to show.")] = 10,
+    top: Annotated[int, typer.Option(help="How many configurations to show.")] = 10,
     where: Annotated[
-        Optional[str], typer.Option(help="Extra MLflow filter, e.g. \"params.hidden_dim = '16'\".")
+        Optional[str], typer.Option(help="MLflow filter on the trial runs, e.g. \"params.hidden_dim = '16'\".")
     ] = None,
-    export: Annotated[Optional[Path], typer.Option(help="Write the best run's trial config here (for irrep-study train).")] = None,
+    export: Annotated[
+        Optional[Path],
+        typer.Option(help="Write the winning configuration's trial config YAML here (the seed of its best run); "
+                          "irrep-study train FILE retrains it."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The best trials of a study from MLflow, as a table; --export retrains the winner."""
+    """Rank a study's configurations from MLflow by their mean over seeds; --export writes the winner's config."""
     from study import tracking
-    from study.best import best_runs, export_config
+    from study.best import describe, export_config, rank_configurations, statuses_text
 
     if top <= 0:
         raise UserError(f"--top: must be positive, got {top}")
     if export is not None:
         writable_file(export, "--export")
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    rows = best_runs(uri, experiment, metric, top, where)
-    chosen_by = f"ranked by {metric}" + (" (a test metric: the winner is chosen on the test set)" if metric.startswith("test") else "")
-    log.print(chosen_by)
+    ranking = rank_configurations(uri, experiment, metric, top, where, parent)
+    configurations, left_out = ranking["configurations"], ranking["left_out"]["note"]
+    chosen_by = f"ranked by the mean {metric} over each configuration's seeds" + (
+        " (a test metric: the winner is chosen on the test set)" if metric.startswith("test") else "")
     if export is not None:
-        if not rows:
+        if not configurations:
             raise UserError(f"--export: experiment {experiment!r} has no trial with {metric}")
-        export_config(rows[0], export)
-        log.print(f"wrote the config of run {rows[0]['run_id']} to {export}: irrep-study train {export}")
+        winner = configurations[0]
+        run = winner["best_run"]
+        why = (f"configuration {winner['configuration']} of sweep {winner['sweep']}: mean {metric} "
+               f"{winner['metrics'][metric]['mean']:.4g} over {winner['n']} run(s); seed {run['seed']} was its best")
+        export_config(run, export, comment=why)
+        log.print(f"wrote the config of {winner['configuration']} with seed {run['seed']} (run {run['run_id']}) to {export}: "
+                  f"irrep-study train {export}")
     if as_json:
-        _emit_json({"experiment": experiment, "metric": metric, "ranked_by": chosen_by, "runs": rows})
+        # stdout holds the document: the ranking's one-line notes go to stderr.
+        log.print(chosen_by)
+        if left_out:
+            log.print(left_out)
+        _emit_json({"experiment": experiment, "parent_run_id": parent, "metric": metric, "ranked_by": chosen_by,
+                    "trial_runs": ranking["runs"], "total_configurations": ranking["total_configurations"],
+                    "left_out": ranking["left_out"], "configurations": configurations})
         return
     from rich.table import Table
 
-    table = Table(title=f"{experiment}: {chosen_by}")
-    columns = ("rank", "run id", "l values", "hidden", "layers", "lr", "seed", "val MAE", "test MAE", "baseline test MAE",
-               "test / baseline", "status")
+    title = f"{experiment}: {chosen_by}"
+    if len(configurations) < ranking["total_configurations"]:
+        title += f"; the best {len(configurations)} of {ranking['total_configurations']} configurations"
+    table = Table(title=title, caption=left_out)
+    # The ranking metric's column first, so what ranks is what is shown; then the others reported.
+    shown = list(dict.fromkeys((metric, "best_val_mae_meV", "test_mae_meV")))
+    labels = {"best_val_mae_meV": "best val MAE", "test_mae_meV": "test MAE"}
+    columns = ["rank", "sweep", "configuration", "n", *(labels.get(m, m) for m in shown),
+               "baseline test MAE", "test / baseline", "params", "statuses"]
     for column in columns:
-        table.add_column(column)
-    for row in rows:
-        shown = lambda v, digits=1: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
+        # A number never breaks (describe() puts "(k of n)" on a line of its own); names and
+        # statuses wrap where the table is too wide.
+        table.add_column(column, no_wrap=column not in ("sweep", "configuration", "statuses"))
+    for row in configurations:
+        ratio, size = row["test_over_baseline"], row["num_params"]
         table.add_row(
-            str(row["rank"]), row["run_id"], row["params"].get("l_values", ""), row["params"].get("hidden_dim", ""),
-            row["params"].get("num_layers", ""), row["params"].get("lr", ""), row["params"].get("seed", ""),
-            shown(row["best_val_mae_meV"]), shown(row["test_mae_meV"]), shown(row["baseline_test_mae_meV"]),
-            shown(row["test_over_baseline"], 2), row["status"],
+            str(row["rank"]), row["sweep"] or "-", row["configuration"], str(row["n"]),
+            *(describe(row["metrics"][m], row["n"]) for m in shown),
+            describe(row["metrics"]["baseline_test_mae_meV"], row["n"], spread=False),
+            "-" if ratio is None else f"{ratio:.2f}", "-" if size is None else str(size), statuses_text(row["statuses"]),
         )
     Console(width=160).print(table)
 
@@ -387,7 +450,7 @@ def analyze(
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Per-irrep utilization, structure and knockout scores of every trial, correlated with test error."""
+    """Per-irrep utilization, structure and knockout scores of every completed trial, correlated with test error."""
     from analysis.pipeline import AnalysisSettings, run_analysis
     from analysis.scores import ScoreSettings
 
@@ -471,7 +534,8 @@ def plan(
 def bench(
     configs: Annotated[
         Optional[list[str]],
-        typer.Option("--configs", help="A model to measure, L_VALUESxHIDDEN[:radius]; repeat the option for more (default: the seed's five)."),
+        typer.Option("--configs", metavar="SPEC",
+                     help="A model to measure, L_VALUESxHIDDEN[:radius]; repeat the option for more (default: the seed's five)."),
     ] = None,
     repeats: Annotated[int, typer.Option(help="Timed training steps per backend and config; the median is reported.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed steps per backend and config first.")] = 1,

@@ -13,13 +13,16 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from ray.tune import Callback
@@ -528,6 +531,23 @@ def _latest_unfinished(storage: Path, name: str) -> Path | None:
     return max(candidates, key=lambda p: p.name) if candidates else None
 
 
+# Why a run ends as `interrupted` (MLflow status KILLED), by who stopped it.
+ORPHAN_REASON = ("interrupted: the sweep's driver stopped before Ray Tune saved this trial, "
+                 "so the resumed sweep did not continue it")
+SIGINT_REASON = ("interrupted: the sweep's driver was stopped (SIGINT, Ctrl-C) while this trial ran; "
+                 "`irrep-study sweep SPACE.yaml --resume` continues it from its last checkpoint")
+
+
+@dataclass
+class SweepRecord:
+    """Where one sweep lives: its folder and its MLflow experiment and parent run."""
+
+    path: Path
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+
+
 @dataclass
 class SweepOutcome:
     path: Path
@@ -537,6 +557,7 @@ class SweepOutcome:
     tracking_uri: str
     trials: list[dict]
     unsynced: int = 0  # trial journals the tracking server has not taken yet (see `irrep-study sync`)
+    interrupted: bool = False  # stopped by SIGINT: `--resume` continues it
 
     def to_dict(self) -> dict:
         # Chosen on validation, never on test (DESIGN.md): the test MAE is only reported.
@@ -551,6 +572,7 @@ class SweepOutcome:
             "trials": self.trials,
             "best": best,
             "unsynced_trials": self.unsynced,
+            "interrupted": self.interrupted,
         }
 
 
@@ -565,120 +587,220 @@ def run_sweep(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> SweepOutcome:
-    """Run (or with `resume`, continue) the study `space`; every trial ends up in MLflow."""
-    from ray import tune
+    """Run (or with `resume`, continue) the study `space`; every trial ends up in MLflow.
 
+    SIGINT (Ctrl-C) stops it cleanly: Ray Tune saves its state and stops the trials, their MLflow
+    runs end as `interrupted` (KILLED) with the reason, and the outcome says `interrupted`."""
     storage = Path(storage).resolve()
-    base = space.base
     tracking.fail_fast()
     if resume:
-        path = _latest_unfinished(storage, space.name)
-        if path is None:
-            raise UserError(f"--resume: no unfinished sweep named {space.name!r} in {storage}")
-        state = json.loads((path / SWEEP_FILE).read_text())
-        experiment_id, parent_run_id = state["experiment_id"], state["parent_run_id"]
-        experiment = state["experiment"]
-        log(f"resuming {path.name}: MLflow experiment {experiment!r}, parent run {parent_run_id}")
+        record = _reopen_sweep(storage, space, tracking_uri, log)
     else:
-        path = storage / f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        try:
-            experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
-            parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params())
-        except tracking.TrackingError:
-            raise
-        except Exception as exc:
-            raise tracking.TrackingError(
-                f"--tracking-uri {redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
-            ) from None
-        path.mkdir(parents=True, exist_ok=False)
-        _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=False)
-        log(f"sweep {path.name}: {space.total_trials} trials; MLflow experiment {experiment!r}, parent run {parent_run_id}")
+        record = _new_sweep(storage, space, tracking_uri, experiment, log)
+    tuner = _tuner(space, tensors, tracking_uri, record, resume, show_progress)
+    with _watching_for_interruption() as interruption:
+        results = tuner.fit()
 
-    spool_dir = path / "tracking_journal"
-    context = SweepContext(space.model_dump(mode="json"), tracking_uri, experiment_id, parent_run_id, str(spool_dir))
+    unfinished = _unfinished_trials(record.path) if interruption.happened else set()
+    trials = [_trial_row(result, unfinished) for result in results]
+    outcome = SweepOutcome(record.path, record.experiment, record.experiment_id, record.parent_run_id,
+                           tracking_uri, trials, interrupted=interruption.happened)
+    if outcome.interrupted:
+        # The sweep stays unfinished, so that `--resume` finds it.
+        outcome.unsynced = _end_interrupted(tracking_uri, record, len(unfinished), log)
+        return outcome
+    _write_state(record, space, tracking_uri, finished=True)
+    # One pass: replay the trials' journals, then (only when nothing is left pending) end orphaned
+    # runs and the parent run.
+    outcome.unsynced = finish_tracking(tracking_uri, record, log, final=True)
+    return outcome
+
+
+def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment: str, log: Callable[[str], None]) -> SweepRecord:
+    """A new sweep folder and its MLflow parent run (the experiment created if missing)."""
+    try:
+        experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
+    except tracking.TrackingError:
+        raise
+    except Exception as exc:
+        raise tracking.TrackingError(
+            f"--tracking-uri {redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
+        ) from None
+    path = _claim_folder(storage, space.name)
+    try:
+        parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params())
+    except Exception as exc:
+        path.rmdir()
+        raise tracking.TrackingError(
+            f"--tracking-uri {redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
+        ) from None
+    record = SweepRecord(path, experiment, experiment_id, parent_run_id)
+    _write_state(record, space, tracking_uri, finished=False)
+    log(f"sweep {path.name}: {space.total_trials} trials; MLflow experiment {experiment!r}, parent run {parent_run_id}")
+    return record
+
+
+def _claim_folder(storage: Path, name: str) -> Path:
+    """`<name>-<time>`, created here; two drivers starting the same study in the same second (a
+    shared cluster) each get their own folder, the later one with a suffix."""
+    stem = f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    for attempt in range(100):
+        path = storage / (stem if attempt == 0 else f"{stem}-{attempt + 1}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)  # atomic: exactly one driver wins each name
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"--storage {storage}: 100 sweeps named {stem!r} already; wait a second and start again")
+
+
+def _reopen_sweep(storage: Path, space: SearchSpace, tracking_uri: str, log: Callable[[str], None]) -> SweepRecord:
+    """The latest unfinished sweep of `space` in `storage`, its parent run set running again."""
+    path = _latest_unfinished(storage, space.name)
+    if path is None:
+        raise UserError(f"--resume: no unfinished sweep named {space.name!r} in {storage}")
+    state = json.loads((path / SWEEP_FILE).read_text())
+    record = SweepRecord(path, state["experiment"], state["experiment_id"], state["parent_run_id"])
+    tracking.reopen_run(tracking_uri, record.parent_run_id)  # it ended as interrupted after a Ctrl-C
+    log(f"resuming {path.name}: MLflow experiment {record.experiment!r}, parent run {record.parent_run_id}")
+    return record
+
+
+def _tuner(space: SearchSpace, tensors: QM9Tensors, tracking_uri: str, record: SweepRecord, resume: bool,
+           show_progress: bool):
+    from ray import tune
+
+    spool_dir = record.path / "tracking_journal"
+    context = SweepContext(space.model_dump(mode="json"), tracking_uri, record.experiment_id, record.parent_run_id, str(spool_dir))
     trainable = tune.with_resources(
         tune.with_parameters(run_sweep_trial, tensors=tensors, context=context),
         {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial},
     )
-    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri, str(spool_dir))] + ([ProgressTable()] if show_progress else [])
     if resume:
         # The run config, callbacks included, comes back from Ray's saved experiment state.
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        searcher, param_space, num_samples = _searcher_and_space(space)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="min",
-                search_alg=searcher,
-                scheduler=_scheduler(space, base.epochs),
-                num_samples=num_samples,
-                max_concurrent_trials=_live_trial_limit(space),
-                # A new worker process per trial pays torch's and e3nn's imports again (about 10 s on
-                # 2 cores, far longer than a short trial); a reused one keeps them. Trials share no
-                # state through it: each builds its own model, generators and tracking client.
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=path.name,
-                storage_path=str(storage),
-                failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=callbacks,
-                verbose=0,
-            ),
-        )
-    results = tuner.fit()
-
-    trials = []
-    for result in results:
-        metrics = result.metrics or {}
-        status = metrics.get("trial_status", "failed" if result.error else "unknown")
-        if status == "running":
-            status = "stopped_early"
-        trials.append({
-            "trial_id": metrics.get("trial_id"),
-            "mlflow_run_id": metrics.get("mlflow_run_id"),
-            "l_values": metrics.get("l_values"),
-            "hidden_dim": metrics.get("hidden_dim"),
-            "seed": metrics.get("seed"),
-            "status": "failed" if result.error else status,
-            "epochs": metrics.get("epoch"),
-            "val_mae_meV": _finite(metrics.get(METRIC)),
-            "best_val_mae_meV": _finite(metrics.get("best_val_mae_meV")),
-            "test_mae_meV": _finite(metrics.get("test_mae_meV")),
-            "baseline_test_mae_meV": _finite(metrics.get("baseline_test_mae_meV")),
-        })
-    _write_state(path, space, experiment, experiment_id, parent_run_id, tracking_uri, finished=True)
-    # One pass: replay the trials' journals, then (only when nothing is left pending) end orphaned
-    # runs and the parent run.
-    unsynced = finish_tracking(tracking_uri, path, experiment_id, parent_run_id, log, final=True)
-    return SweepOutcome(path, experiment, experiment_id, parent_run_id, tracking_uri, trials, unsynced)
+        return tune.Tuner.restore(str(record.path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri, str(spool_dir))] + ([ProgressTable()] if show_progress else [])
+    searcher, param_space, num_samples = _searcher_and_space(space)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="min",
+            search_alg=searcher,
+            scheduler=_scheduler(space, space.base.epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=_live_trial_limit(space),
+            # A new worker process per trial pays torch's and e3nn's imports again (about 10 s on
+            # 2 cores, far longer than a short trial); a reused one keeps them. Trials share no
+            # state through it: each builds its own model, generators and tracking client.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=record.path.name,
+            storage_path=str(record.path.parent),
+            failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
 
 
-def finish_tracking(uri: str, path: Path, experiment_id: str, parent_run_id: str,
-                    log: Callable[[str], None], final: bool = False) -> int:
-    """Replay the trials' journals; once all are in, end orphaned trial runs and the parent run.
+@dataclass
+class Interruption:
+    happened: bool = False
+
+
+@contextmanager
+def _watching_for_interruption() -> Iterator[Interruption]:
+    """Whether Ray Tune's `fit` ended on a stop signal (SIGINT, Ctrl-C), which it does not report.
+
+    `fit` installs its own SIGINT handler and puts the earlier one back only when the signal came
+    (ray/tune/tune.py, `_setup_signal_catching`); it does so only in the main thread and unless
+    TUNE_DISABLE_SIGINT_HANDLER is set. The handler that `fit` leaves installed tells which."""
+    before = signal.getsignal(signal.SIGINT)
+    tune_catches = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    interruption = Interruption()
+    try:
+        yield interruption
+    finally:
+        interruption.happened = tune_catches and signal.getsignal(signal.SIGINT) is before
+        if tune_catches:
+            signal.signal(signal.SIGINT, before)  # a later Ctrl-C is again this process's own
+
+
+def _unfinished_trials(path: Path) -> set[str]:
+    """Trials that Ray Tune's last saved state (what `--resume` continues) holds as neither
+    terminated nor errored. Read from the saved state because `fit`'s own trial objects are marked
+    terminated while it cleans up."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(path)).trials
+    return {trial.trial_id for trial in trials if trial.status not in ("TERMINATED", "ERROR")}
+
+
+def _trial_row(result, unfinished: set[str]) -> dict:
+    """One trial of the outcome, from its last result."""
+    metrics = result.metrics or {}
+    status = metrics.get("trial_status", "failed" if result.error else "unknown")
+    if result.error:
+        status = "failed"
+    elif metrics.get("trial_id") in unfinished or (unfinished and not metrics):
+        status = "interrupted"
+    elif status == "running":
+        status = "stopped_early"
+    return {
+        "trial_id": metrics.get("trial_id"),
+        "mlflow_run_id": metrics.get("mlflow_run_id"),
+        "l_values": metrics.get("l_values"),
+        "hidden_dim": metrics.get("hidden_dim"),
+        "seed": metrics.get("seed"),
+        "status": status,
+        "epochs": metrics.get("epoch"),
+        "val_mae_meV": _finite(metrics.get(METRIC)),
+        "best_val_mae_meV": _finite(metrics.get("best_val_mae_meV")),
+        "test_mae_meV": _finite(metrics.get("test_mae_meV")),
+        "baseline_test_mae_meV": _finite(metrics.get("baseline_test_mae_meV")),
+    }
+
+
+def _end_interrupted(uri: str, record: SweepRecord, unfinished: int, log: Callable[[str], None]) -> int:
+    """After a stop signal: write the trials' journals, then end every trial run still running and
+    the parent run as `interrupted` with the reason. Returns the trial journals still pending."""
+    pending = finish_tracking(uri, record, log)
+    if pending:
+        return pending  # the runs end once `irrep-study sync` or `--resume` can write again
+    try:
+        stopped = tracking.end_running_trials(uri, record.experiment_id, record.parent_run_id, SIGINT_REASON)
+        tracking.finish_run(uri, record.parent_run_id, "interrupted", SIGINT_REASON)
+    except Exception as exc:
+        log(f"could not end the interrupted runs ({type(exc).__name__}); `--resume` continues them all the same")
+        return 1
+    log(f"interrupted: {unfinished} trial(s) left unfinished, {stopped} running MLflow run(s) ended as interrupted (KILLED)")
+    return 0
+
+
+def finish_tracking(uri: str, record: SweepRecord, log: Callable[[str], None], final: bool = False) -> int:
+    """Replay the trials' journals; once all are in (and when `final`), end orphaned trial runs and
+    the parent run.
 
     Returns how many trial journals are still pending (the server is unreachable)."""
-    complete, pending = tracking.sync_spools(uri, path / "tracking_journal")
+    journal = record.path / "tracking_journal"
+    complete, pending = tracking.sync_spools(uri, journal)
     if complete:
         log(f"wrote the tracking journals of {complete} trial(s) to MLflow")
     if pending:
         log(f"the tracking server took no writes for {pending} trial(s); their journals wait in "
-            f"{path / 'tracking_journal'}: run `irrep-study sync` once it is back")
+            f"{journal}: run `irrep-study sync` once it is back")
         return pending
     if final:
         try:
-            orphans = tracking.end_orphaned_runs(
-                uri, experiment_id, parent_run_id,
-                "interrupted: the sweep's driver stopped before Ray Tune saved this trial, so the resumed sweep did not continue it",
-            )
+            orphans = tracking.end_running_trials(uri, record.experiment_id, record.parent_run_id, ORPHAN_REASON)
             if orphans:
                 log(f"marked {orphans} trial run(s) that an interrupted driver left behind as interrupted")
-            tracking.finish_run(uri, parent_run_id, "completed")
+            tracking.finish_run(uri, record.parent_run_id, "completed")
         except Exception as exc:
             log(f"could not close the sweep's parent run ({type(exc).__name__}); `irrep-study sync` will")
             return 1
@@ -696,8 +818,8 @@ def sync_sweeps(uri: str, storage: Path, experiment: str, log: Callable[[str], N
         raise UserError(f"--experiment: no sweep of experiment {experiment!r} in {storage}")
     pending = 0
     for folder, state in folders:
-        left = finish_tracking(uri, folder, state["experiment_id"], state["parent_run_id"], log, final=state.get("finished", False))
-        pending += left
+        record = SweepRecord(folder, state["experiment"], state["experiment_id"], state["parent_run_id"])
+        pending += finish_tracking(uri, record, log, final=state.get("finished", False))
     return {"sweeps": len(folders), "pending": pending}
 
 
@@ -705,15 +827,14 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _write_state(path: Path, space: SearchSpace, experiment: str, experiment_id: str, parent_run_id: str,
-                 tracking_uri: str, finished: bool) -> None:
+def _write_state(record: SweepRecord, space: SearchSpace, tracking_uri: str, finished: bool) -> None:
     state = {
         "space": space.model_dump(mode="json"),
-        "experiment": experiment,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id,
+        "experiment": record.experiment,
+        "experiment_id": record.experiment_id,
+        "parent_run_id": record.parent_run_id,
         "tracking_uri": redact(tracking_uri),  # never a password in a file
         "finished": finished,
     }
     text = json.dumps(state, indent=2)
-    atomic_write(path / SWEEP_FILE, lambda tmp: tmp.write_text(text))
+    atomic_write(record.path / SWEEP_FILE, lambda tmp: tmp.write_text(text))

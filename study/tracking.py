@@ -63,12 +63,19 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+# In sweep processes a write that fails is retried this often, with exponential backoff (MLflow's
+# own retry: waits of 0, 2 and 4 s plus up to 1 s of jitter), before it goes to the trial's journal.
+SWEEP_RETRIES = 3
+SWEEP_BACKOFF_FACTOR_S = 1
+SWEEP_TIMEOUT_S = 10
+
+
 @contextmanager
-def _quick_failure() -> Iterator[None]:
+def _http_policy(retries: int, timeout_s: int) -> Iterator[None]:
     # MLflow reads these environment variables on every request.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(PREFLIGHT_TIMEOUT_S)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
     try:
         yield
     finally:
@@ -79,11 +86,18 @@ def _quick_failure() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _quick_failure():
+    """One attempt: a preflight check (or a journal replay) should answer quickly."""
+    return _http_policy(retries=0, timeout_s=PREFLIGHT_TIMEOUT_S)
+
+
 def fail_fast() -> None:
-    """In sweep processes an unreachable tracking server must cost seconds, not MLflow's default
-    minutes of retries: what cannot be written goes to the trial's journal and is replayed later."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    """In sweep processes an unreachable or failing tracking server must cost seconds, not MLflow's
+    default minutes of retries: a write is retried a few times with backoff (a server that answers
+    5xx for a moment, a slow one), then goes to the trial's journal and is replayed later."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(SWEEP_RETRIES)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(SWEEP_BACKOFF_FACTOR_S)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SWEEP_TIMEOUT_S)
 
 
 def client(uri: str):
@@ -104,13 +118,21 @@ def check_reachable(uri: str) -> None:
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The id of experiment `name`, created if missing."""
+    from mlflow.exceptions import MlflowException
+
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            raise TrackingError(f"experiment {name!r} is deleted in {uri}; restore it or choose another name")
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=default_artifact_location(uri))
+    if experiment is None:
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=default_artifact_location(uri))
+        except MlflowException:
+            # Another driver of the same study created it in between (two sweeps started at once).
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {name!r} is deleted in {uri}; restore it or choose another name")
+    return experiment.experiment_id
 
 
 def find_experiment(uri: str, name: str) -> str:
@@ -151,6 +173,22 @@ def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) ->
     mlflow_client.set_terminated(run_id, lifecycle)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """A run that `finish_run` ended (a sweep or trial stopped by Ctrl-C) running again, for `--resume`."""
+    mlflow_client = client(uri)
+    _reopen(mlflow_client, mlflow_client.get_run(run_id))
+
+
+def _reopen(mlflow_client, run) -> None:
+    """Status RUNNING and tag running; writes only what differs (a new run needs nothing)."""
+    if run.info.status != "RUNNING":
+        mlflow_client.update_run(run.info.run_id, status="RUNNING")
+    if run.data.tags.get(STATUS_TAG) != "running":
+        mlflow_client.set_tag(run.info.run_id, STATUS_TAG, "running")
+    if REASON_TAG in run.data.tags:  # why it ended before no longer holds
+        mlflow_client.delete_tag(run.info.run_id, REASON_TAG)
+
+
 class TrialRun:
     """The MLflow child run of one trial, found again by trial id after a retry or `--resume`.
 
@@ -177,7 +215,10 @@ class TrialRun:
             operation["run_id"] = self.run_id  # so a journal that starts after `open` can be replayed alone
         if self.spool is not None and self.spool.pending():
             self.spool.append(operation)
-            self.spool.replay(self.replayer)
+            # The server failed this trial's last write after its retries: one attempt per write
+            # until it takes one again, so that an outage costs training the backoff only once.
+            with _quick_failure():
+                self.spool.replay(self.replayer)
             return
         try:
             self.replayer.apply(operation)
@@ -263,21 +304,26 @@ class Replayer:
 
     def _open(self, operation: dict) -> None:
         mlflow_client = self.client
-        parent, trial_id = operation["parent_run_id"], operation["trial_id"]
-        existing = mlflow_client.search_runs(
-            [operation["experiment_id"]],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-            max_results=1,
-        )
-        if existing:
-            run_id = existing[0].info.run_id
-            if existing[0].info.status != "RUNNING":
-                mlflow_client.update_run(run_id, status="RUNNING")
-            mlflow_client.set_tag(run_id, STATUS_TAG, "running")
-        else:
-            tags = {PARENT_TAG: parent, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id, STATUS_TAG: "running"}
-            run_id = mlflow_client.create_run(operation["experiment_id"], run_name=operation["run_name"], tags=tags).info.run_id
-        self.run_ids[trial_id] = run_id
+        runs = self._trial_runs(operation)
+        if not runs:
+            tags = {PARENT_TAG: operation["parent_run_id"], ROLE_TAG: "trial", TRIAL_ID_TAG: operation["trial_id"],
+                    STATUS_TAG: "running"}
+            mlflow_client.create_run(operation["experiment_id"], run_name=operation["run_name"], tags=tags)
+            runs = self._trial_runs(operation)
+        # A create_run whose response was lost (a timeout, a 502 from a proxy) and that MLflow then
+        # retried leaves a second run of the same trial: the oldest one is the trial's run, every
+        # attempt finds the same one, and the others, still empty, are deleted.
+        run = runs[0]
+        for duplicate in runs[1:]:
+            mlflow_client.delete_run(duplicate.info.run_id)
+        _reopen(mlflow_client, run)
+        self.run_ids[operation["trial_id"]] = run.info.run_id
+
+    def _trial_runs(self, operation: dict) -> list:
+        """The runs of this trial of this sweep, oldest first."""
+        filter_string = f"tags.`{PARENT_TAG}` = '{operation['parent_run_id']}' and tags.`{TRIAL_ID_TAG}` = '{operation['trial_id']}'"
+        runs = self.client.search_runs([operation["experiment_id"]], filter_string=filter_string)
+        return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
 
 
 class Spool:
@@ -366,10 +412,11 @@ def child_runs(uri: str, experiment_id: str, parent_run_id: str | None = None, f
             return runs
 
 
-def end_orphaned_runs(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
-    """Trial runs of a finished sweep still marked RUNNING: trials whose driver died before Ray saved
-    them, so the resumed sweep never ran them again. They end as `interrupted`, with the reason."""
-    orphans = [r for r in child_runs(uri, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
-    for run in orphans:
+def end_running_trials(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
+    """End the trial runs of one sweep still marked RUNNING as `interrupted`, with the reason: after
+    a Ctrl-C on the driver, or once a resumed sweep has finished without the trials that its killed
+    driver had started but Ray had not saved. Returns how many were ended."""
+    running = [r for r in child_runs(uri, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
+    for run in running:
         finish_run(uri, run.info.run_id, "interrupted", reason)
-    return len(orphans)
+    return len(running)

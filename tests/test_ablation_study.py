@@ -13,6 +13,8 @@ from mlflow_trials import console_script
 
 from analysis.pipeline import STUDY_FIGURES
 
+pytestmark = pytest.mark.slow  # trains the ablation space's every configuration and seed
+
 ROOT = Path(__file__).parent.parent
 PUBLISHED = ROOT / "results" / "ablation-cpu"
 

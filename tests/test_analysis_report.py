@@ -64,6 +64,7 @@ def quick_sweep_analysis(qm9, qm9_cache_dir, tmp_path_factory):
     return swept, analysed, work / "analysis"
 
 
+@pytest.mark.slow  # a real quick sweep on Ray
 def test_a_real_quick_sweep_is_analysed_end_to_end(quick_sweep_analysis):
     swept, analysed, out = quick_sweep_analysis
     completed = [t for t in swept["trials"] if t["status"] == "completed"]
@@ -181,6 +182,7 @@ def test_analyze_cli_reports_a_missing_experiment_in_one_line(logged_study, run_
     assert result.stderr.strip().count("\n") == 0 and "never-ran" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a real quick sweep on Ray
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
 def test_report_of_a_real_sweep_renders_in_headless_chromium(quick_sweep_analysis, tmp_path):
     import matplotlib.image

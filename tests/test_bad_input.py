@@ -201,7 +201,7 @@ def test_a_full_disk_mid_sweep_state_keeps_the_old_state(tmp_path, monkeypatch):
     from study.space import SearchSpace
 
     space = SearchSpace.model_validate(GOOD_SPACE)
-    sweep._write_state(tmp_path, space, "bad-input", "1", "parent", "sqlite:///mlflow.db", finished=False)
+    sweep._write_state(sweep.SweepRecord(tmp_path, "bad-input", "1", "parent"), space, "sqlite:///mlflow.db", finished=False)
     before = (tmp_path / sweep.SWEEP_FILE).read_text()
 
     def full(self, text, *args, **kwargs):
@@ -209,7 +209,7 @@ def test_a_full_disk_mid_sweep_state_keeps_the_old_state(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(UserError, match=r"irrep_study_sweep.json: cannot write \(No space left on device\)$"):
-        sweep._write_state(tmp_path, space, "bad-input", "1", "parent", "sqlite:///mlflow.db", finished=True)
+        sweep._write_state(sweep.SweepRecord(tmp_path, "bad-input", "1", "parent"), space, "sqlite:///mlflow.db", finished=True)
     monkeypatch.undo()
     assert (tmp_path / sweep.SWEEP_FILE).read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == [sweep.SWEEP_FILE]

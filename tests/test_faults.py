@@ -1,4 +1,5 @@
-"""Faults survived with real processes: a trial worker killed mid-epoch, the driver killed mid-sweep."""
+"""Faults survived with real processes: a trial worker killed mid-epoch, the driver killed or stopped
+with Ctrl-C mid-sweep, a tracking server that goes away, answers slowly or answers 5xx."""
 
 from __future__ import annotations
 
@@ -10,21 +11,15 @@ import sys
 import time
 
 import psutil
+import pytest
 import yaml
 
 from study.tracking import ROLE_TAG, STATUS_TAG
-from tests.services import wait_until
+from tests.services import epochs_logged, grid_space, start_sweep, sweep_report, trial_runs_of, wait_for_epochs, wait_until
+
+pytestmark = pytest.mark.slow  # real sweeps on a local Ray, killed and restarted
 
 TRIAL = {"hidden_dim": 4, "num_layers": 1}
-
-
-def start_sweep(space_file, cwd, cache_dir, *extra):
-    env = {**os.environ, "IRREP_STUDY_CACHE": str(cache_dir)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "study.cli", "sweep", str(space_file), "--num-cpus", "1", "--json", *extra],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=open(cwd / "sweep.log", "a"), text=True,
-        start_new_session=True,  # its own process group: killing the group takes the local Ray with it
-    )
 
 
 def trial_runs(cwd, name):
@@ -42,10 +37,6 @@ def trial_runs(cwd, name):
     return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
 
 
-def epochs_logged(client, run) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mae_meV"))
-
-
 def trial_workers() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
@@ -56,22 +47,10 @@ def trial_workers() -> list[psutil.Process]:
 
 
 def test_killed_trial_worker_resumes_from_its_checkpoint_with_each_epoch_logged_once(qm9, qm9_cache_dir, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "worker-kill",
-        "trial": {**TRIAL, "subset": 2000, "epochs": 5},
-        "search": {"method": "grid", "grid": [{"l_values": [0, 1]}]},
-        "scheduler": {"type": "none"},
-        "resources": {"max_failures": 2},
-    }))
+    space = grid_space(tmp_path, "worker-kill", [[0, 1]], epochs=5, subset=2000, max_failures=2)
     sweep = start_sweep(space, tmp_path, qm9_cache_dir)
     try:
-        def two_epochs_done():
-            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
-            client, runs = trial_runs(tmp_path, "worker-kill")
-            return bool(runs) and len(epochs_logged(client, runs[0])) >= 2
-
-        wait_until(two_epochs_done, 300, "two logged epochs")
+        wait_for_epochs(sweep, tmp_path, lambda: trial_runs(tmp_path, "worker-kill"), epochs=2)
         workers = trial_workers()
         assert workers, "no trial worker process found"
         for worker in workers:
@@ -117,14 +96,7 @@ def test_killed_driver_then_resume_completes_the_study_without_duplicate_runs(qm
         first.wait(timeout=60)
     time.sleep(2)
 
-    second = start_sweep(space, tmp_path, qm9_cache_dir, "--resume")
-    try:
-        stdout, _ = second.communicate(timeout=600)
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    assert second.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
-    report = json.loads(stdout)
+    report = sweep_report(start_sweep(space, tmp_path, qm9_cache_dir, "--resume"), tmp_path)
     assert len(report["trials"]) == 3 and all(t["status"] == "completed" for t in report["trials"]), (
         report["trials"], (tmp_path / "sweep.log").read_text()[-4000:])
 
@@ -151,26 +123,11 @@ def test_mlflow_outage_mid_sweep_is_journaled_and_synced_afterwards(qm9, qm9_cac
     from tests.services import MlflowServer
 
     server = MlflowServer(tmp_path / "mlflow")
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "outage",
-        "trial": {**TRIAL, "subset": 1500, "epochs": 5},
-        "search": {"method": "grid", "grid": [{"l_values": [0, 1]}, {"l_values": [0, 2]}]},
-        "scheduler": {"type": "none"},
-        "resources": {"max_concurrent": 1},
-    }))
+    space = grid_space(tmp_path, "outage", [[0, 1], [0, 2]], epochs=5, max_concurrent=1)
     client = MlflowClient(server.uri)
     sweep = start_sweep(space, tmp_path, qm9_cache_dir, "--tracking-uri", server.uri)
     try:
-        def first_epoch_logged():
-            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
-            experiment = client.get_experiment_by_name("outage")
-            if experiment is None:
-                return False
-            runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
-            return bool(runs) and bool(epochs_logged(client, runs[0]))
-
-        wait_until(first_epoch_logged, 300, "the first logged epoch")
+        wait_for_epochs(sweep, tmp_path, lambda: (client, trial_runs_of(client, "outage")), epochs=1)
         server.stop()  # the tracking server goes away mid-sweep; training must go on
         stdout, _ = sweep.communicate(timeout=600)
     finally:
@@ -246,3 +203,98 @@ def test_diverging_trial_ends_diverged_with_its_reason_and_the_sweep_goes_on(run
     assert diverged.data.tags[STATUS_TAG] == "diverged" and diverged.info.status == "FAILED"
     assert "non-finite" in diverged.data.tags["irrep_study.reason"] and "epoch 1" in diverged.data.tags["irrep_study.reason"]
     assert runs["0.001"].data.tags[STATUS_TAG] == "completed"
+
+
+def test_sigint_on_the_driver_ends_runs_as_killed_and_resume_completes_them(qm9, qm9_cache_dir, tmp_path):
+    space = grid_space(tmp_path, "ctrl-c", [[0, 1], [0, 2]], epochs=5, max_concurrent=1)
+    first = start_sweep(space, tmp_path, qm9_cache_dir)
+    try:
+        wait_for_epochs(first, tmp_path, lambda: trial_runs(tmp_path, "ctrl-c"), epochs=2)
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+        stdout, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    log_text = (tmp_path / "sweep.log").read_text()
+    assert first.returncode == 130, log_text[-3000:]
+    report = json.loads(stdout)
+    assert report["interrupted"] is True
+    # Ray Tune had created only the running trial; the second grid entry is left to the resumed sweep.
+    assert [t["status"] for t in report["trials"]] == ["interrupted"]
+    assert "--resume" in log_text.splitlines()[-1]
+    state = json.loads(next(tmp_path.glob("ray_results/ctrl-c-*/irrep_study_sweep.json")).read_text())
+    assert state["finished"] is False
+
+    client, runs = trial_runs(tmp_path, "ctrl-c")
+    assert len(runs) == 1  # the second trial had not started
+    stopped = runs[0]
+    assert stopped.info.status == "KILLED" and stopped.data.tags[STATUS_TAG] == "interrupted"
+    assert "SIGINT" in stopped.data.tags["irrep_study.reason"]
+    parent = client.get_run(stopped.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED" and parent.data.tags[STATUS_TAG] == "interrupted"
+
+    report = sweep_report(start_sweep(space, tmp_path, qm9_cache_dir, "--resume"), tmp_path)
+    assert report["interrupted"] is False
+    assert [t["status"] for t in report["trials"]] == ["completed", "completed"]
+
+    client, runs = trial_runs(tmp_path, "ctrl-c")
+    assert len(runs) == 2  # the interrupted trial kept its run
+    assert stopped.info.run_id in {r.info.run_id for r in runs}
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "completed"
+        assert "irrep_study.reason" not in run.data.tags  # the interruption no longer holds
+        assert epochs_logged(client, run) == [1, 2, 3, 4, 5]  # each epoch once, across the stop
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags[STATUS_TAG] == "completed"
+
+
+def test_slow_then_failing_tracking_server_is_retried_journaled_and_nothing_lost_or_doubled(qm9, qm9_cache_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.services import FlakyProxy, MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow")
+    proxy = FlakyProxy(server.port)
+    proxy.delay = 1.0  # every request answered a second late
+    space = grid_space(tmp_path, "flaky", [[0, 1], [0, 2]], epochs=4, max_concurrent=1)
+    client = MlflowClient(server.uri)  # straight to the server, past the proxy
+    sweep = start_sweep(space, tmp_path, qm9_cache_dir, "--tracking-uri", proxy.uri)
+    try:
+        wait_for_epochs(sweep, tmp_path, lambda: (client, trial_runs_of(client, "flaky")), epochs=1)
+        proxy.delay, proxy.refuse = 0.0, 503  # then HTTP 503 for a while
+
+        def both_trials_journaled():
+            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            return len(list(tmp_path.glob("ray_results/flaky-*/tracking_journal/*.jsonl"))) == 2
+
+        wait_until(both_trials_journaled, 300, "both trials writing to their journals")
+        proxy.refuse = None  # and back
+        stdout, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+        proxy.stop()
+        server.stop()
+    assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    report = json.loads(stdout)
+    assert [t["status"] for t in report["trials"]] == ["completed", "completed"]
+    assert report["unsynced_trials"] == 0  # the journals were replayed once the server answered again
+    # Each refused write was retried by the client before it went to the journal.
+    refused = [(method, path) for method, path, happened in proxy.requests if happened == "refused"]
+    assert max(refused.count(request) for request in set(refused)) >= 1 + 1
+
+    server.start()
+    try:
+        experiment = client.get_experiment_by_name("flaky")
+        every_run = trial_runs_of(client, "flaky", deleted_too=True)
+        assert len(every_run) == 2  # nothing doubled, not even a deleted duplicate
+        for run in every_run:
+            assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "completed"
+            assert epochs_logged(client, run) == [1, 2, 3, 4]  # nothing lost, nothing twice
+            assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
+            assert {"test_mae_meV", "num_params", "train_seconds"} <= set(run.data.metrics)
+            assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "test_embeddings.npz"}
+        parent = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")[0]
+        assert parent.info.status == "FINISHED"
+    finally:
+        server.stop()

@@ -105,6 +105,7 @@ def gpu_cluster():
     ray_cluster.stop()
 
 
+@pytest.mark.slow  # a Ray node with logical GPUs
 def test_more_gpus_per_trial_than_the_cluster_has_is_refused_before_any_trial(gpu_cluster, mlflow_server, run_cli, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -124,6 +125,7 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused_before_any_trial(gp
     assert client.get_experiment_by_name("too-many-gpus") is None
 
 
+@pytest.mark.slow  # a Ray node with logical GPUs
 def test_four_half_gpu_trials_share_two_gpus_at_once_and_fall_back_to_the_cpu(gpu_cluster, mlflow_server, run_cli, tmp_path):
     from mlflow.tracking import MlflowClient
 

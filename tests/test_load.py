@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from study.tracking import ROLE_TAG, STATUS_TAG
 from tests.services import MlflowServer
+
+pytestmark = pytest.mark.slow  # 16 concurrent trials on one MLflow server
 
 EPOCHS = 3
 
