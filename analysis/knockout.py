@@ -28,7 +28,7 @@ from analysis.features import AnalysisBlock, analysis_blocks
 from study.data import CollatedSplit
 from study.errors import UserError
 from study.irreps import IrrepBlock
-from study.model import IrrepConvModel
+from study.model import IrrepConvModel, evaluation_pass
 from study.reference import TargetReference
 
 EVAL_BATCH_SIZE = 128
@@ -75,14 +75,9 @@ def zeroed(model: IrrepConvModel, members: Sequence[IrrepBlock], where: str) -> 
 @torch.no_grad()
 def predictions(model: IrrepConvModel, split: CollatedSplit, reference: TargetReference, dtype: torch.dtype) -> np.ndarray:
     """The model's predictions in the target's unit (made absolute by its reference), in dataset order."""
-    model.eval()
     device = next(model.parameters()).device
-    out = []
-    for batch in split.batches(EVAL_BATCH_SIZE):
-        batch = batch.to(device)
-        batch.pos = batch.pos.to(dtype)
-        out.append(reference.absolute(model(batch), batch).cpu().numpy())
-    return np.concatenate(out)
+    passes = evaluation_pass(model, split.batches(EVAL_BATCH_SIZE), device, dtype, reference)
+    return np.concatenate([prediction.cpu().numpy() for _, _, prediction in passes])
 
 
 @dataclass
@@ -126,23 +121,24 @@ def knockout_scores(
 def trial_knockout(trial, tensors, rows: np.ndarray | None = None, on_step: Callable[[str], None] | None = None) -> KnockoutResult:
     """Knockouts of a loaded :class:`analysis.load.Trial` on its test split (or the ``rows`` of it).
 
-    The model is rebuilt from the trial's config and its ``best_model.pt``; the test split is
-    rebuilt with the trial's own split settings and checked against the logged embeddings, so the
+    Everything comes from the trial's artifacts: the model from its config and ``best_model.pt``,
+    the test molecules, their targets and the target reference from its embeddings, so the
     knockouts are measured on exactly the molecules whose embeddings were scored.
     """
     from analysis.load import AnalysisError
     from study.data import QM9Dataset
-    from study.train import build_model, model_dtype, prepare_data, select_device
+    from study.model import build_model, model_dtype
+    from study.train import select_device
 
-    config = trial.config
-    data = prepare_data(config, tensors)
-    test_indices = np.asarray(data.test.indices)
-    if not np.array_equal(test_indices, trial.embeddings.dataset_index):
+    config, embeddings = trial.config, trial.embeddings
+    test_indices, targets = np.asarray(embeddings.dataset_index), embeddings.target
+    # The artifact names each molecule twice, by its place in the processed QM9 and by QM9's own
+    # id: the two must agree in this QM9, or the knockouts would score other molecules.
+    if test_indices.max(initial=-1) >= len(tensors) or not np.array_equal(tensors.mol_id[test_indices].numpy(), embeddings.mol_id):
         raise AnalysisError(
-            f"trial run {trial.run_id}: the rebuilt test split does not match its logged embeddings "
+            f"trial run {trial.run_id}: its logged test molecules are not at the same places in this QM9 "
             "(was QM9 processed differently?)"
         )
-    targets = trial.embeddings.target
     if rows is not None:
         test_indices, targets = test_indices[rows], targets[rows]
     dataset = QM9Dataset(tensors, test_indices, edges=config.edges, cutoff=config.cutoff)
@@ -159,5 +155,4 @@ def trial_knockout(trial, tensors, rows: np.ndarray | None = None, on_step: Call
             f"trial run {trial.run_id}: {trial.weights_path.name} does not fit the model of its config ({str(exc).splitlines()[0]})"
         ) from None
     model = model.to(device=select_device("auto"), dtype=dtype)
-    # The reference the trial trained against travels in its embeddings artifact.
-    return knockout_scores(model, dataset, targets, trial.embeddings.reference, dtype, on_step=on_step)
+    return knockout_scores(model, dataset, targets, embeddings.reference, dtype, on_step=on_step)

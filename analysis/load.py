@@ -15,14 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from study import tracking
 from study.config import TrialConfig
 from study.embeddings import EmbeddingsFormatError, TestEmbeddings, load_embeddings
 from study.errors import UserError
 from study.irreps import IrrepsLayout
 
-ROLE_TAG = "irrep_study.role"
-STATUS_TAG = "irrep_study.status"
-PARENT_TAG = "mlflow.parentRunId"
 ANALYSED_STATUS = "completed"
 EMBEDDINGS_ARTIFACT = "test_embeddings.npz"
 WEIGHTS_ARTIFACT = "best_model.pt"
@@ -77,11 +75,9 @@ class Study:
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
     # MLflow draws a tqdm bar per downloaded file on stderr; the analysis has its own progress.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return MlflowClient(tracking_uri=uri)
+    return tracking.client(uri)
 
 
 def _describe(run) -> str:
@@ -138,7 +134,7 @@ def load_trial(client, run) -> Trial:
     return Trial(
         run_id=run.info.run_id,
         run_name=run.info.run_name or run.info.run_id,
-        parent_run_id=run.data.tags.get(PARENT_TAG),
+        parent_run_id=run.data.tags.get(tracking.PARENT_TAG),
         config=config,
         params=dict(run.data.params),
         metrics=metrics,
@@ -148,45 +144,16 @@ def load_trial(client, run) -> Trial:
     )
 
 
-def _search(client, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def find_experiment_id(client, uri: str, name: str) -> str:
-    try:
-        experiment = client.get_experiment_by_name(name)
-    except Exception as exc:
-        raise AnalysisError(f"--tracking-uri {uri}: cannot read the tracking store ({type(exc).__name__})") from None
-    if experiment is None or experiment.lifecycle_stage == "deleted":
-        raise AnalysisError(f"--experiment: no experiment named {name!r} in {uri}")
-    return experiment.experiment_id
-
-
 def load_study(experiment: str, parent_run_id: str | None = None, tracking_uri: str | None = None) -> Study:
     """Every completed trial of ``experiment`` (or of the sweep run ``parent_run_id`` in it)."""
-    from study.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
     client = _client(uri)
-    experiment_id = find_experiment_id(client, uri, experiment)
-    clauses = [f"tags.`{ROLE_TAG}` = 'trial'"]
+    experiment_id = tracking.find_experiment(uri, experiment)
     if parent_run_id:
-        try:
-            parent = client.get_run(parent_run_id)
-        except Exception:
-            raise AnalysisError(f"--parent: no run {parent_run_id!r} in {uri}") from None
-        if parent.info.experiment_id != experiment_id:
-            raise AnalysisError(f"--parent: run {parent_run_id} belongs to another experiment than {experiment!r}")
-        clauses.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    runs = _search(client, experiment_id, " and ".join(clauses))
-    statuses = Counter(run.data.tags.get(STATUS_TAG, "unknown") for run in runs)
-    completed = [run for run in runs if run.data.tags.get(STATUS_TAG) == ANALYSED_STATUS]
+        tracking.check_sweep_run(uri, experiment, experiment_id, parent_run_id)
+    runs = tracking.child_runs(uri, experiment_id, parent_run_id)
+    statuses = Counter(run.data.tags.get(tracking.STATUS_TAG, "unknown") for run in runs)
+    completed = [run for run in runs if run.data.tags.get(tracking.STATUS_TAG) == ANALYSED_STATUS]
     if not completed:
         found = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) or "no trial runs"
         scope = f"sweep {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"

@@ -37,10 +37,12 @@ from analysis.ablation import ablation_effects, headline
 from analysis.configurations import baseline_notes, configuration_summary
 from analysis.correlate import correlate_scores, molecule_correlations
 from analysis.descriptors import descriptors
-from analysis.load import ROLE_TAG, Study, Trial, load_study
+from analysis.load import Study, Trial, load_study
 from analysis.report import write_report
 from analysis.scores import ALL_SCORES, ScoreSettings, knockout_shares, residual_target, score_embedding, structure_sample
 from analysis.survival import complete_configurations, survival_notes, survival_table, trial_runs
+from study import tracking
+from study.tracking import ROLE_TAG
 
 ANALYZED_PARENT_TAG = "irrep_study.analyzed_parent"
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -178,6 +180,8 @@ def run_analysis(
     log: Callable[[str], None] = lambda message: None,
     progress: Progress | None = None,
 ) -> AnalysisOutcome:
+    """Load the study's trials, score every irrep block, relate the scores to test error, write
+    tables, figures and report.html to `out_dir`, and (by default) log the analysis to MLflow."""
     settings = settings or AnalysisSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,58 +189,126 @@ def run_analysis(
     report = progress or (lambda what, done, total: None)
 
     study = load_study(experiment, parent_run_id, tracking_uri)
-    trials = study.trials
     skipped = ", ".join(f"{n} {status}" for status, n in sorted(study.skipped.items())) or "none"
-    log(f"{len(trials)} completed trials in {experiment!r} (not analysed: {skipped})")
+    log(f"{len(study.trials)} completed trials in {experiment!r} (not analysed: {skipped})")
     runs, context, schedulers = trial_runs(study)
-    complete = complete_configurations(runs)
     notes = survival_notes(runs, schedulers)
     for note in notes:
         log(note)
 
-    all_smiles = sorted({s for t in trials for s in t.embeddings.smiles.tolist()})
     report("descriptors", 0, 1)
-    table = descriptors(all_smiles, descriptor_cache_dir).set_index("smiles")
+    all_smiles = sorted({s for t in study.trials for s in t.embeddings.smiles.tolist()})
+    molecules = descriptors(all_smiles, descriptor_cache_dir).set_index("smiles")
     report("descriptors", 1, 1)
+    scored = _score_trials(study.trials, molecules, settings, _lazy_qm9(qm9_cache_dir, log), report)
+    tables = _tables(study, scored, runs, context, settings, log, report)
+    files = _write_tables(out_dir, {**tables.frames, "molecules": _molecule_table(study.trials, molecules, scored.errors)})
 
+    report("figures", 0, 1)
+    figures = _figures(out_dir, study.trials, tables.trials, tables.scores, tables.correlations, tables.ablation,
+                       scored.projections, settings)
+    files.update({name: path for name, (path, _) in figures.items()})
+    report("figures", 1, 1)
+    warnings = [*notes, *tables.learned]
+    files["report"] = write_report(
+        out_dir / "report.html",
+        title=f"irrep-study analysis: {experiment}",
+        summary=_summary(experiment, parent_run_id, study, tables.trials, tables.compared, skipped, settings),
+        warnings=warnings,
+        sections=_sections(tables.trials, tables.configurations, tables.scores, tables.correlations, tables.ablation,
+                           tables.within, figures, notes),
+    )
+
+    outcome = AnalysisOutcome(out_dir, study, tables.trials, tables.scores, tables.correlations, tables.ablation,
+                              tables.configurations, warnings, files, None)
+    if settings.log_to_mlflow:
+        report("logging to MLflow", 0, 1)
+        outcome.analysis_run_id = log_analysis_run(outcome, settings, time.perf_counter() - started)
+        report("logging to MLflow", 1, 1)
+    return outcome
+
+
+def _lazy_qm9(cache_dir: Path | None, log: Callable[[str], None]) -> Callable[[], object]:
+    """QM9 loaded at the first call only: only knockouts need it."""
     tensors = None
 
-    def tensors_loader():
+    def load():
         nonlocal tensors
         if tensors is None:
             from study.data import load_qm9
 
-            tensors = load_qm9(qm9_cache_dir, log=log)
+            tensors = load_qm9(cache_dir, log=log)
         return tensors
 
-    score_rows, projections, knockout_maes, within, error_columns = [], {}, {}, [], {}
+    return load
+
+
+@dataclass
+class _Scored:
+    """Every trial's block scores and its per-molecule errors."""
+
+    score_rows: list[dict] = field(default_factory=list)  # run_id, block, score, value
+    projections: dict = field(default_factory=dict)  # run id -> (score result, nsps) for the UMAP figures
+    knockout_maes: dict = field(default_factory=dict)  # run id -> (knockout baseline MAE, composition MAE)
+    within: list[pd.DataFrame] = field(default_factory=list)  # per trial: |error| vs each descriptor
+    errors: dict[str, pd.Series] = field(default_factory=dict)  # run id -> |error| (meV) by mol_id
+
+
+def _score_trials(trials: list[Trial], molecules: pd.DataFrame, settings: AnalysisSettings, tensors_loader,
+                  report: Progress) -> _Scored:
+    scored = _Scored()
     for index, trial in enumerate(trials):
         report(f"scoring {trial.label}", index, len(trials))
-        molecules = table.loc[trial.embeddings.smiles.tolist()]
-        nsps = molecules["nsps"].to_numpy(dtype=np.float64)
-        result, knockout_maes[trial.run_id] = score_trial(
+        own = molecules.loc[trial.embeddings.smiles.tolist()]
+        nsps = own["nsps"].to_numpy(dtype=np.float64)
+        result, scored.knockout_maes[trial.run_id] = score_trial(
             trial, nsps, settings, tensors_loader,
             on_step=lambda step, label=trial.label, index=index: report(f"scoring {label}: {step}", index, len(trials)),
         )
-        projections[trial.run_id] = (result, nsps)
+        scored.projections[trial.run_id] = (result, nsps)
         for block, values in result.values.items():
             for score in ALL_SCORES:
                 if score in values:
-                    score_rows.append({"run_id": trial.run_id, "block": block, "score": score, "value": values[score]})
+                    scored.score_rows.append({"run_id": trial.run_id, "block": block, "score": score, "value": values[score]})
         abs_error = np.abs(trial.embeddings.prediction - trial.embeddings.target) * 1000.0
-        per_descriptor = molecule_correlations(abs_error, molecules.reset_index(drop=True))
+        per_descriptor = molecule_correlations(abs_error, own.reset_index(drop=True))
         per_descriptor.insert(0, "run_id", trial.run_id)
         per_descriptor.insert(1, "label", trial.label)
-        within.append(per_descriptor)
-        error_columns[trial.run_id] = pd.Series(abs_error, index=trial.embeddings.mol_id)
+        scored.within.append(per_descriptor)
+        scored.errors[trial.run_id] = pd.Series(abs_error, index=trial.embeddings.mol_id)
     report("scoring", len(trials), len(trials))
+    return scored
 
-    trial_table = _trial_table(trials, runs, context, complete, knockout_maes)
+
+@dataclass
+class _Tables:
+    trials: pd.DataFrame
+    compared: pd.DataFrame  # trials of configurations with every seed completed
+    scores: pd.DataFrame
+    correlations: pd.DataFrame
+    ablation: pd.DataFrame
+    configurations: pd.DataFrame
+    configuration_scores: pd.DataFrame
+    within: pd.DataFrame
+    learned: list[str]  # configurations that did not beat the composition baseline
+
+    @property
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """The tables written as CSV, by file name."""
+        return {"ablation": self.ablation, "configurations": self.configurations, "scores": self.scores,
+                "configuration_scores": self.configuration_scores, "correlations": self.correlations,
+                "trials": self.trials, "within_trial": self.within}
+
+
+def _tables(study: Study, scored: _Scored, runs: pd.DataFrame, context: list[str], settings: AnalysisSettings,
+            log: Callable[[str], None], report: Progress) -> _Tables:
+    """Per trial, per configuration and per score: the study's tables, the statistics among them."""
+    trial_table = _trial_table(study.trials, runs, context, complete_configurations(runs), scored.knockout_maes)
     compared = trial_table[trial_table["in_comparisons"]]
     if compared["configuration"].nunique() < 3:
         log(f"{compared['configuration'].nunique()} configuration(s) with every seed completed: correlations across "
             "configurations need at least 3; per-trial scores are still written")
-    scores = pd.DataFrame(score_rows).merge(
+    scores = pd.DataFrame(scored.score_rows).merge(
         trial_table[["run_id", "run_name", "label", "configuration", "test_mae_meV", "num_params"]], on="run_id"
     )
     scores = scores[["run_id", "run_name", "label", "configuration", "block", "score", "value", "test_mae_meV", "num_params"]]
@@ -253,36 +325,16 @@ def run_analysis(
     configuration_scores = (
         scores.groupby(["configuration", "block", "score"])["value"].agg(mean="mean", sd="std", n_trials="count").reset_index()
     )
-    within_table = pd.concat(within, ignore_index=True)
+    return _Tables(trial_table, compared, scores, correlations, ablation, configurations, configuration_scores,
+                   pd.concat(scored.within, ignore_index=True), learned)
 
-    files: dict[str, Path] = {}
-    for name, frame in (
-        ("ablation", ablation), ("configurations", configurations), ("scores", scores),
-        ("configuration_scores", configuration_scores), ("correlations", correlations), ("trials", trial_table),
-        ("within_trial", within_table), ("molecules", _molecule_table(trials, table, error_columns)),
-    ):
+
+def _write_tables(out_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    files = {}
+    for name, frame in frames.items():
         files[name] = out_dir / f"{name}.csv"
         frame.to_csv(files[name], index=False)
-
-    report("figures", 0, 1)
-    figures = _figures(out_dir, trials, trial_table, scores, correlations, ablation, projections, settings)
-    files.update({name: path for name, (path, _) in figures.items()})
-    report("figures", 1, 1)
-
-    files["report"] = write_report(
-        out_dir / "report.html",
-        title=f"irrep-study analysis: {experiment}",
-        summary=_summary(experiment, parent_run_id, study, trial_table, compared, skipped, settings),
-        warnings=[*notes, *learned],
-        sections=_sections(trial_table, configurations, scores, correlations, ablation, within_table, figures, notes),
-    )
-
-    outcome = AnalysisOutcome(out_dir, study, trial_table, scores, correlations, ablation, configurations, [*notes, *learned], files, None)
-    if settings.log_to_mlflow:
-        report("logging to MLflow", 0, 1)
-        outcome.analysis_run_id = log_analysis_run(outcome, settings, time.perf_counter() - started)
-        report("logging to MLflow", 1, 1)
-    return outcome
+    return files
 
 
 def _summary(experiment, parent_run_id, study, trial_table, compared, skipped, settings) -> dict[str, str]:
@@ -416,10 +468,9 @@ def _sections(trial_table, configurations, scores, correlations, ablation, withi
 def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, seconds: float) -> str:
     """One MLflow run (role=analysis) in the study's experiment: settings, effects, rho per score, every file."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
     study = outcome.study
-    client = MlflowClient(tracking_uri=study.tracking_uri)
+    client = tracking.client(study.tracking_uri)
     tags = {ROLE_TAG: "analysis"}
     if study.parent_run_id:
         tags[ANALYZED_PARENT_TAG] = study.parent_run_id

@@ -17,7 +17,9 @@ import math
 import pandas as pd
 
 from analysis.configurations import REPLICATE_PARAM, label_configurations
-from analysis.load import PARENT_TAG, STATUS_TAG, Study
+from analysis.load import Study
+from study import tracking
+from study.tracking import PARENT_TAG, STATUS_TAG
 
 COMPLETED = "completed"
 RUN_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "baseline_val_mae_meV", "num_params")
@@ -27,8 +29,6 @@ EARLY_STOPPING_SCHEDULERS = ("asha",)
 def trial_runs(study: Study) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Every trial run of the study's scope, any status: a table, the varying context parameters,
     and the schedulers of the sweeps the runs came from (from the sweep runs' ``scheduler`` param)."""
-    from study import tracking
-
     runs = tracking.child_runs(study.tracking_uri, study.experiment_id, study.parent_run_id)
     runs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
     records = [

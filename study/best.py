@@ -53,20 +53,6 @@ def _summary(values: list[float]) -> dict:
     }
 
 
-def check_parent(uri: str, experiment: str, experiment_id: str, parent: str) -> None:
-    """`--parent` must be a sweep's run in `experiment` (same meaning as `irrep-study analyze --parent`)."""
-    try:
-        run = tracking.client(uri).get_run(parent)
-    except Exception:
-        raise UserError(f"--parent: no run {parent!r} in {uri}") from None
-    if run.info.experiment_id != experiment_id:
-        raise UserError(f"--parent: run {parent} belongs to another experiment than {experiment!r}")
-    role = run.data.tags.get(tracking.ROLE_TAG)
-    if role != "sweep":
-        # A trial's run id would otherwise select nothing, silently.
-        raise UserError(f"--parent: run {parent} is not a sweep (its role is {role or 'unset'}); give a sweep's parent run id")
-
-
 def sweep_names(uri: str, experiment_id: str) -> dict[str, str]:
     """Parent run id -> run name of every sweep of the experiment (the name is the sweep's folder)."""
     runs = tracking.client(uri).search_runs([experiment_id], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'sweep'",
@@ -87,7 +73,7 @@ def rank_configurations(uri: str, experiment: str, metric: str = SELECTION_METRI
 
     experiment_id = tracking.find_experiment(uri, experiment)
     if parent:
-        check_parent(uri, experiment, experiment_id, parent)
+        tracking.check_sweep_run(uri, experiment, experiment_id, parent)
     try:
         runs = tracking.child_runs(uri, experiment_id, parent_run_id=parent, filter_string=where or "")
     except Exception as exc:

@@ -288,7 +288,8 @@ def sweep(
 
         _check_memory(largest_config(space, tensors), tensors, force, "sweep", copies=concurrent_trials(space, num_cpus))
 
-    from study.sweep import check_resources, connect_ray, redact, run_sweep
+    from study.sweep import check_resources, connect_ray, run_sweep
+    from study.tracking import redact
 
     connect_ray(address, num_cpus=num_cpus)
     check_resources(space)
@@ -333,7 +334,7 @@ def sync(
 ) -> None:
     """Write to MLflow what sweeps logged while the tracking server was unreachable."""
     from study import tracking
-    from study.sweep import sync_sweeps
+    from study.journal import sync_sweeps
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)

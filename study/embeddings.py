@@ -32,6 +32,7 @@ from study.data import CollatedSplit
 from study.errors import UserError
 from study.paths import atomic_write
 from study.irreps import IrrepsLayout
+from study.model import evaluation_pass
 from study.reference import TargetReference
 
 FORMAT_NAME = "irrep-study/embeddings"
@@ -66,13 +67,10 @@ def compute_embeddings(model, data, target_name: str, device: torch.device, dtyp
                        batch_size: int = 128) -> TestEmbeddings:
     """Graph embeddings of every test molecule of `data` (study.train.TrialData), after every
     block, with predictions made absolute by the data's target reference, in dataset order."""
-    model.eval()
     per_block: list[list[np.ndarray]] = []
     mol_id, index, smiles, target, prediction = [], [], [], [], []
-    for batch in CollatedSplit(data.test, device).batches(batch_size):
-        batch = batch.to(device)
-        batch.pos = batch.pos.to(dtype)
-        embedding = model.embed(batch)
+    batches = CollatedSplit(data.test, device).batches(batch_size)
+    for batch, embedding, absolute in evaluation_pass(model, batches, device, dtype, data.reference):
         graph_index = batch.batch
         sums = []
         for features in embedding.node_features:
@@ -83,7 +81,7 @@ def compute_embeddings(model, data, target_name: str, device: torch.device, dtyp
         index.append(batch.idx.cpu().numpy())
         smiles.extend(batch.smiles)
         target.append(batch.y[:, data.target_column].double().cpu().numpy())
-        prediction.append(data.reference.absolute(embedding.prediction, batch).cpu().numpy())
+        prediction.append(absolute.cpu().numpy())
     graph_per_block = np.stack([np.concatenate([b[k] for b in per_block]) for k in range(len(per_block[0]))])
     return TestEmbeddings(
         mol_id=np.concatenate(mol_id).astype(np.int64),

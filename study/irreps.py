@@ -94,21 +94,13 @@ class IrrepsLayout:
 
     @classmethod
     def from_irreps(cls, irreps: str | o3.Irreps) -> IrrepsLayout:
-        entries: list[list[int]] = []  # [l, parity, multiplicity]
-        for mul, ir in o3.Irreps(irreps):
-            if mul == 0:
-                continue
-            if entries and entries[-1][0] == ir.l and entries[-1][1] == ir.p:
-                entries[-1][2] += mul
-            else:
-                entries.append([ir.l, ir.p, mul])
-        blocks = []
-        start = 0
-        for l, parity, mul in entries:
-            stop = start + mul * (2 * l + 1)
-            blocks.append(IrrepBlock(l=l, parity=parity, multiplicity=mul, start=start, stop=stop))
-            start = stop
-        return cls(tuple(blocks))
+        # e3nn's simplify merges neighbouring copies of one irrep and drops empty ones; slices()
+        # gives each block's span in the feature vector.
+        simplified = o3.Irreps(irreps).simplify()
+        return cls(tuple(
+            IrrepBlock(l=ir.l, parity=ir.p, multiplicity=mul, start=span.start, stop=span.stop)
+            for (mul, ir), span in zip(simplified, simplified.slices())
+        ))
 
     @property
     def dim(self) -> int:

@@ -30,6 +30,7 @@ from e3nn.math import soft_one_hot_linspace
 from e3nn.nn import FullyConnectedNet
 from torch import Tensor, nn
 
+from study.config import TrialConfig
 from study.fast_tp import FusedRadialTensorProduct
 from study.irreps import IrrepsLayout, irreps_for, validate_l_values
 
@@ -262,3 +263,46 @@ def _sum_per_graph(x: Tensor, graph_index: Tensor, num_graphs: int) -> Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars (includes the all-zero padding row of the atom embedding)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------- building and evaluating
+
+
+def model_dtype(config: TrialConfig) -> torch.dtype:
+    return torch.float64 if config.dtype == "float64" else torch.float32
+
+
+def build_model(config: TrialConfig) -> IrrepConvModel:
+    """The trial's model, built in its dtype: e3nn's and the fast backend's Clebsch-Gordan constants
+    are computed in the default dtype, so a float64 trial gets float64-exact constants."""
+    with default_dtype(model_dtype(config)):
+        return IrrepConvModel(
+            l_values=config.l_values,
+            hidden_dim=config.hidden_dim,
+            num_layers=config.num_layers,
+            atom_dim=config.atom_dim,
+            edge_dim=config.edge_dim,
+            cutoff=config.cutoff,
+            degree_norm=config.degree_norm,
+            backend=config.backend,
+        )
+
+
+def to_device(batch, device: torch.device, dtype: torch.dtype):
+    """A PyG batch on `device`, with positions in the model's dtype (the rest keeps its own)."""
+    batch = batch.to(device)
+    batch.pos = batch.pos.to(dtype)
+    return batch
+
+
+@torch.no_grad()
+def evaluation_pass(model: IrrepConvModel, batches, device: torch.device, dtype: torch.dtype,
+                    reference) -> Iterator[tuple[object, Embedding, Tensor]]:
+    """The one evaluation loop (validation, test embeddings, knockouts): each batch on the device,
+    the model's embedding of it, and its predictions in the target's unit (made absolute by the
+    trial's `reference`, a study.reference.TargetReference)."""
+    model.eval()
+    for batch in batches:
+        batch = to_device(batch, device, dtype)
+        embedding = model.embed(batch)
+        yield batch, embedding, reference.absolute(embedding.prediction, batch)

@@ -25,7 +25,8 @@ from study.config import TrialConfig
 from study.data import CollatedSplit, QM9Dataset, QM9Tensors, split_indices, target_index
 from study.resources import Estimate, available_bytes, estimate, gib
 from study.space import SearchSpace
-from study.train import build_model, select_device
+from study.model import build_model
+from study.train import select_device
 
 WARMUP_STEPS = 2
 

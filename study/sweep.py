@@ -23,21 +23,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Repeater
 
 from study import seed_groups, tracking
+from study import journal
+from study.journal import SWEEP_FILE, SweepRecord, finish_from_driver, finish_tracking, latest_unfinished, write_state
 from study.data import QM9Tensors
 from study.errors import UserError
-from study.paths import atomic_write
 from study.reference import TargetReference
 from study.space import OptunaSpace, SearchSpace, trial_overrides
 
 METRIC = "val_mae_meV"
-SWEEP_FILE = "irrep_study_sweep.json"
 
 
 @dataclass(frozen=True)
@@ -49,17 +48,6 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     spool_dir: str  # tracking journals of trials whose writes the server could not take
-
-
-def redact(uri: str) -> str:
-    """A URI without its user:password part, fit for logs and files."""
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 # ---------------------------------------------------------------------------- the trial
@@ -81,7 +69,7 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
     tracking.fail_fast()
     trial_id = tune.get_context().get_trial_id()
     l_text = ",".join(map(str, config.l_values))
-    run = tracking.TrialRun(
+    run = journal.TrialRun(
         context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
         run_name=f"{trial_id} l={l_text} h={config.hidden_dim} seed={seed}", spool_dir=Path(context.spool_dir),
     )
@@ -159,21 +147,6 @@ class TrackTrialEnds(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = (trial.last_result or {}).get("mlflow_run_id")
         finish_from_driver(self.tracking_uri, self.spool_dir, trial.trial_id, run_id, "failed", _error_line(trial))
-
-
-def finish_from_driver(uri: str, spool_dir: str, trial_id: str, run_id: str | None, status: str, reason: str) -> None:
-    """End a trial's run from the driver; behind the trial's own pending writes if it has any."""
-    spool = tracking.Spool(Path(spool_dir) / f"{trial_id}.jsonl")
-    operation = {"op": "finish", "trial_id": trial_id, "run_id": run_id, "status": status, "reason": reason}
-    if spool.pending() or run_id is None:
-        if spool.path.exists():  # else the trial never got as far as opening a run
-            spool.append(operation)
-            spool.replay(tracking.Replayer(uri))
-        return
-    try:
-        tracking.Replayer(uri).apply(operation)
-    except Exception:
-        spool.append(operation)
 
 
 class ProgressTable(Callback):
@@ -519,33 +492,8 @@ def check_resources(space: SearchSpace) -> None:
         )
 
 
-def _latest_unfinished(storage: Path, name: str) -> Path | None:
-    candidates = []
-    for marker in storage.glob(f"{name}-*/{SWEEP_FILE}"):
-        try:
-            state = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            continue
-        if not state.get("finished"):
-            candidates.append(marker.parent)
-    return max(candidates, key=lambda p: p.name) if candidates else None
-
-
-# Why a run ends as `interrupted` (MLflow status KILLED), by who stopped it.
-ORPHAN_REASON = ("interrupted: the sweep's driver stopped before Ray Tune saved this trial, "
-                 "so the resumed sweep did not continue it")
 SIGINT_REASON = ("interrupted: the sweep's driver was stopped (SIGINT, Ctrl-C) while this trial ran; "
                  "`irrep-study sweep SPACE.yaml --resume` continues it from its last checkpoint")
-
-
-@dataclass
-class SweepRecord:
-    """Where one sweep lives: its folder and its MLflow experiment and parent run."""
-
-    path: Path
-    experiment: str
-    experiment_id: str
-    parent_run_id: str
 
 
 @dataclass
@@ -568,7 +516,7 @@ class SweepOutcome:
             "experiment": self.experiment,
             "experiment_id": self.experiment_id,
             "parent_run_id": self.parent_run_id,
-            "tracking_uri": redact(self.tracking_uri),
+            "tracking_uri": tracking.redact(self.tracking_uri),
             "trials": self.trials,
             "best": best,
             "unsynced_trials": self.unsynced,
@@ -609,7 +557,7 @@ def run_sweep(
         # The sweep stays unfinished, so that `--resume` finds it.
         outcome.unsynced = _end_interrupted(tracking_uri, record, len(unfinished), log)
         return outcome
-    _write_state(record, space, tracking_uri, finished=True)
+    write_state(record, space, tracking_uri, finished=True)
     # One pass: replay the trials' journals, then (only when nothing is left pending) end orphaned
     # runs and the parent run.
     outcome.unsynced = finish_tracking(tracking_uri, record, log, final=True)
@@ -624,7 +572,7 @@ def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment:
         raise
     except Exception as exc:
         raise tracking.TrackingError(
-            f"--tracking-uri {redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
+            f"--tracking-uri {tracking.redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
         ) from None
     path = _claim_folder(storage, space.name)
     try:
@@ -632,10 +580,10 @@ def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment:
     except Exception as exc:
         path.rmdir()
         raise tracking.TrackingError(
-            f"--tracking-uri {redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
+            f"--tracking-uri {tracking.redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
         ) from None
     record = SweepRecord(path, experiment, experiment_id, parent_run_id)
-    _write_state(record, space, tracking_uri, finished=False)
+    write_state(record, space, tracking_uri, finished=False)
     log(f"sweep {path.name}: {space.total_trials} trials; MLflow experiment {experiment!r}, parent run {parent_run_id}")
     return record
 
@@ -656,7 +604,7 @@ def _claim_folder(storage: Path, name: str) -> Path:
 
 def _reopen_sweep(storage: Path, space: SearchSpace, tracking_uri: str, log: Callable[[str], None]) -> SweepRecord:
     """The latest unfinished sweep of `space` in `storage`, its parent run set running again."""
-    path = _latest_unfinished(storage, space.name)
+    path = latest_unfinished(storage, space.name)
     if path is None:
         raise UserError(f"--resume: no unfinished sweep named {space.name!r} in {storage}")
     state = json.loads((path / SWEEP_FILE).read_text())
@@ -774,7 +722,7 @@ def _end_interrupted(uri: str, record: SweepRecord, unfinished: int, log: Callab
         return pending  # the runs end once `irrep-study sync` or `--resume` can write again
     try:
         stopped = tracking.end_running_trials(uri, record.experiment_id, record.parent_run_id, SIGINT_REASON)
-        tracking.finish_run(uri, record.parent_run_id, "interrupted", SIGINT_REASON)
+        tracking.finish_run(tracking.client(uri), record.parent_run_id, "interrupted", SIGINT_REASON)
     except Exception as exc:
         log(f"could not end the interrupted runs ({type(exc).__name__}); `--resume` continues them all the same")
         return 1
@@ -782,59 +730,5 @@ def _end_interrupted(uri: str, record: SweepRecord, unfinished: int, log: Callab
     return 0
 
 
-def finish_tracking(uri: str, record: SweepRecord, log: Callable[[str], None], final: bool = False) -> int:
-    """Replay the trials' journals; once all are in (and when `final`), end orphaned trial runs and
-    the parent run.
-
-    Returns how many trial journals are still pending (the server is unreachable)."""
-    journal = record.path / "tracking_journal"
-    complete, pending = tracking.sync_spools(uri, journal)
-    if complete:
-        log(f"wrote the tracking journals of {complete} trial(s) to MLflow")
-    if pending:
-        log(f"the tracking server took no writes for {pending} trial(s); their journals wait in "
-            f"{journal}: run `irrep-study sync` once it is back")
-        return pending
-    if final:
-        try:
-            orphans = tracking.end_running_trials(uri, record.experiment_id, record.parent_run_id, ORPHAN_REASON)
-            if orphans:
-                log(f"marked {orphans} trial run(s) that an interrupted driver left behind as interrupted")
-            tracking.finish_run(uri, record.parent_run_id, "completed")
-        except Exception as exc:
-            log(f"could not close the sweep's parent run ({type(exc).__name__}); `irrep-study sync` will")
-            return 1
-    return 0
-
-
-def sync_sweeps(uri: str, storage: Path, experiment: str, log: Callable[[str], None]) -> dict:
-    """`irrep-study sync`: write what the sweeps of `experiment` in `storage` could not log."""
-    folders = []
-    for marker in sorted(Path(storage).glob(f"*/{SWEEP_FILE}")):
-        state = json.loads(marker.read_text())
-        if state.get("experiment") == experiment:
-            folders.append((marker.parent, state))
-    if not folders:
-        raise UserError(f"--experiment: no sweep of experiment {experiment!r} in {storage}")
-    pending = 0
-    for folder, state in folders:
-        record = SweepRecord(folder, state["experiment"], state["experiment_id"], state["parent_run_id"])
-        pending += finish_tracking(uri, record, log, final=state.get("finished", False))
-    return {"sweeps": len(folders), "pending": pending}
-
-
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _write_state(record: SweepRecord, space: SearchSpace, tracking_uri: str, finished: bool) -> None:
-    state = {
-        "space": space.model_dump(mode="json"),
-        "experiment": record.experiment,
-        "experiment_id": record.experiment_id,
-        "parent_run_id": record.parent_run_id,
-        "tracking_uri": redact(tracking_uri),  # never a password in a file
-        "finished": finished,
-    }
-    text = json.dumps(state, indent=2)
-    atomic_write(record.path / SWEEP_FILE, lambda tmp: tmp.write_text(text))

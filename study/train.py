@@ -25,7 +25,15 @@ from study.data import CollatedSplit, QM9Dataset, QM9Tensors, load_qm9, split_in
 from study.embeddings import compute_embeddings, save_embeddings
 from study.errors import UserError
 from study.paths import atomic_write
-from study.model import CompiledOrEager, IrrepConvModel, count_parameters, default_dtype
+from study.model import (
+    CompiledOrEager,
+    IrrepConvModel,
+    build_model,
+    count_parameters,
+    evaluation_pass,
+    model_dtype,
+    to_device,
+)
 from study.reference import TargetReference, element_counts, fit_composition
 
 # Format 2 adds the target reference and the learning-rate scheduler's state; format 1
@@ -172,46 +180,16 @@ def _mean_reference(config: TrialConfig, train_y: np.ndarray) -> TargetReference
     return TargetReference.mean(mean, std)
 
 
-def model_dtype(config: TrialConfig) -> torch.dtype:
-    return torch.float64 if config.dtype == "float64" else torch.float32
-
-
-def build_model(config: TrialConfig) -> IrrepConvModel:
-    """The trial's model, built in its dtype: e3nn's and the fast backend's Clebsch-Gordan constants
-    are computed in the default dtype, so a float64 trial gets float64-exact constants."""
-    with default_dtype(model_dtype(config)):
-        return IrrepConvModel(
-            l_values=config.l_values,
-            hidden_dim=config.hidden_dim,
-            num_layers=config.num_layers,
-            atom_dim=config.atom_dim,
-            edge_dim=config.edge_dim,
-            cutoff=config.cutoff,
-            degree_norm=config.degree_norm,
-            backend=config.backend,
-        )
-
-
-def _to_device(batch, device: torch.device, dtype: torch.dtype):
-    batch = batch.to(device)
-    batch.pos = batch.pos.to(dtype)
-    return batch
-
-
-@torch.no_grad()
 @torch.no_grad()
 def evaluate(
     model: IrrepConvModel, loader: Iterable, data: TrialData, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
     """Predictions, targets, and the share of the graph embeddings' squared norm held by each l."""
-    model.eval()
     predictions, targets = [], []
     layout = model.layout
     squared = {l: 0.0 for l in layout.l_values}
-    for batch in loader:
-        batch = _to_device(batch, device, dtype)
-        embedding = model.embed(batch)
-        predictions.append(data.reference.absolute(embedding.prediction, batch).cpu())
+    for batch, embedding, prediction in evaluation_pass(model, loader, device, dtype, data.reference):
+        predictions.append(prediction.cpu())
         targets.append(batch.y[:, data.target_column].double().cpu())
         graph = embedding.graph.double()
         for block in layout.blocks:
@@ -275,7 +253,7 @@ def _train_epoch(model, optimizer, scheduler, data: TrialData, loader, device, d
     model.train()
     total, count = 0.0, 0
     for batch in loader:
-        batch = _to_device(batch, device, dtype)
+        batch = to_device(batch, device, dtype)
         target = data.reference.standardize(batch.y[:, data.target_column].to(dtype), batch)
         loss = F.mse_loss(model(batch), target)
         if not torch.isfinite(loss):
@@ -327,6 +305,46 @@ def _saved_reference(state: dict | None) -> TargetReference | None:
     return None  # format 1: refitted from the same training split, which gives the same numbers
 
 
+@dataclass
+class _Training:
+    """What a trial carries from one epoch to the next, all of which its checkpoint saves."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int | None = None
+    best_state: dict | None = None  # the best epoch's weights, on the CPU
+    train_seconds: float = 0.0
+    epoch: int = 0  # epochs done
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.history = [EpochMetrics(**m) for m in state["history"]]
+        self.best_val, self.best_epoch, self.best_state = state["best_val"], state["best_epoch"], state["best_state"]
+        self.train_seconds, self.epoch = state["train_seconds"], state["epoch"]
+
+    def checkpoint(self, config: TrialConfig, reference: TargetReference) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config.model_dump(mode="json"),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "reference": reference.to_dict(),
+            "best_state": self.best_state,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "history": [asdict(m) for m in self.history],
+            "train_seconds": self.train_seconds,
+        }
+
+
 def run_trial(
     config: TrialConfig,
     out_dir: Path,
@@ -342,41 +360,55 @@ def run_trial(
     called after every training batch.
     """
     out_dir = Path(out_dir)
-    checkpoint_path = out_dir / "checkpoint.pt"
     state = _open_output(out_dir, config, resume)
-
     tensors = tensors if tensors is not None else load_qm9()
     data = prepare_data(config, tensors, reference=_saved_reference(state))
-    device = select_device(config.device)
-    dtype = model_dtype(config)
+    device, dtype = select_device(config.device), model_dtype(config)
+    training = _start_training(config, data, dtype, device, state)
+    result = _new_result(training, data)
 
+    # Training steps go through torch.compile when asked; evaluation and saving use the model itself.
+    trained = CompiledOrEager(training.model) if config.compile else training.model
+    # Each split collated once, on the training device: batches are then a few gathers each.
+    train_split, val_split = CollatedSplit(data.train, device), CollatedSplit(data.val, device)
+    for epoch in range(training.epoch + 1, config.epochs + 1):
+        try:
+            metrics = _run_epoch(config, training, trained, data, train_split, val_split, epoch, device, dtype, progress)
+        except _NonFinite as problem:
+            result.status, result.diverged_epoch, result.reason = "diverged", epoch, str(problem)
+            break
+        _atomic_save(training.checkpoint(config, data.reference), out_dir / "checkpoint.pt")
+        result.epochs_completed = epoch
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    result.history, result.train_seconds = training.history, training.train_seconds
+    if result.status == "completed" and training.best_state is not None:
+        _test_best_weights(config, training, data, device, dtype, out_dir, result)
+    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def _start_training(config: TrialConfig, data: TrialData, dtype: torch.dtype, device: torch.device,
+                    state: dict | None) -> _Training:
+    """The seeded model, its optimizer and schedule; continued from `state` when resuming."""
     torch.manual_seed(config.seed)
     model = build_model(config).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    scheduler = make_scheduler(config, optimizer, batches_per_epoch)
-    history: list[EpochMetrics] = []
-    best_val, best_epoch, best_state = math.inf, None, None
-    train_seconds, start_epoch = 0.0, 1
+    scheduler = make_scheduler(config, optimizer, math.ceil(len(data.train) / config.batch_size))
+    training = _Training(model, optimizer, scheduler)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        history = [EpochMetrics(**m) for m in state["history"]]
-        best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state"]
-        train_seconds, start_epoch = state["train_seconds"], state["epoch"] + 1
+        training.restore(state)
+    return training
 
-    # Training steps go through torch.compile when asked; evaluation and saving use the model itself.
-    trained = CompiledOrEager(model) if config.compile else model
-    # Each split collated once, on the training device: batches are then a few gathers each.
-    train_split, val_split = CollatedSplit(data.train, device), CollatedSplit(data.val, device)
+
+def _new_result(training: _Training, data: TrialData) -> TrialResult:
     reference = data.reference
-    result = TrialResult(
+    return TrialResult(
         status="completed",
-        epochs_completed=start_epoch - 1,
-        num_params=count_parameters(model),
-        train_seconds=train_seconds,
+        epochs_completed=training.epoch,
+        num_params=count_parameters(training.model),
+        train_seconds=training.train_seconds,
         target_mean=reference.intercept if reference.kind == "mean" else None,
         target_std=reference.scale if reference.kind == "mean" else None,
         reference=reference.to_dict(),
@@ -384,65 +416,47 @@ def run_trial(
         baseline_test_mae_meV=data.baseline_test_mae_meV,
     )
 
-    for epoch in range(start_epoch, config.epochs + 1):
-        started = time.perf_counter()
-        train_loader = train_split.batches(config.batch_size, shuffle=True, generator=_epoch_generator(config.seed, epoch))
-        done = 0
 
-        def on_batch() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
+def _run_epoch(config: TrialConfig, training: _Training, trained, data: TrialData, train_split: CollatedSplit,
+               val_split: CollatedSplit, epoch: int, device, dtype, progress) -> EpochMetrics:
+    """Train one epoch, validate, keep the best weights so far; `_NonFinite` when it diverges."""
+    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    done = 0
 
-        try:
-            train_loss = _train_epoch(trained, optimizer, scheduler, data, train_loader, device, dtype, on_batch)
-            val_predictions, val_targets, norm_share = evaluate(model, val_split.batches(EVAL_BATCH_SIZE), data, device, dtype)
-            val_mae = mae_milli(val_predictions, val_targets)
-            if not math.isfinite(val_mae):
-                raise _NonFinite("non-finite validation error")
-        except _NonFinite as problem:
-            result.status, result.diverged_epoch, result.reason = "diverged", epoch, str(problem)
-            break
-        finally:
-            train_seconds += time.perf_counter() - started  # a diverged epoch counts too
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_mae)
-        metrics = EpochMetrics(epoch, train_loss, val_mae, norm_share)
-        history.append(metrics)
-        if val_mae < best_val:
-            best_val, best_epoch = val_mae, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        _atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": config.model_dump(mode="json"),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "reference": reference.to_dict(),
-                "best_state": best_state,
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "history": [asdict(m) for m in history],
-                "train_seconds": train_seconds,
-            },
-            checkpoint_path,
-        )
-        result.epochs_completed = epoch
-        if on_epoch is not None:
-            on_epoch(metrics)
+    def on_batch() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress((epoch - 1) * batches_per_epoch + done, config.epochs * batches_per_epoch)
 
-    result.history = history
-    result.train_seconds = train_seconds
-    if result.status == "completed" and best_state is not None:
-        model.load_state_dict(best_state)
-        _atomic_save(best_state, out_dir / "best_model.pt")
-        embeddings = compute_embeddings(model, data, config.target, device, dtype)
-        save_embeddings(embeddings, out_dir / EMBEDDINGS_FILE)
-        # One pass over the test set: the embeddings hold the predictions the test MAE is made of.
-        result.test_mae_meV = mae_milli(torch.from_numpy(embeddings.prediction), torch.from_numpy(embeddings.target))
-        result.best_epoch, result.best_val_mae_meV = best_epoch, best_val
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
-    return result
+    started = time.perf_counter()
+    try:
+        loader = train_split.batches(config.batch_size, shuffle=True, generator=_epoch_generator(config.seed, epoch))
+        train_loss = _train_epoch(trained, training.optimizer, training.scheduler, data, loader, device, dtype, on_batch)
+        val_predictions, val_targets, norm_share = evaluate(training.model, val_split.batches(EVAL_BATCH_SIZE), data, device, dtype)
+        val_mae = mae_milli(val_predictions, val_targets)
+        if not math.isfinite(val_mae):
+            raise _NonFinite("non-finite validation error")
+    finally:
+        training.train_seconds += time.perf_counter() - started  # a diverged epoch counts too
+    if isinstance(training.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        training.scheduler.step(val_mae)
+    metrics = EpochMetrics(epoch, train_loss, val_mae, norm_share)
+    training.history.append(metrics)
+    training.epoch = epoch
+    if val_mae < training.best_val:
+        training.best_val, training.best_epoch = val_mae, epoch
+        training.best_state = {k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()}
+    return metrics
+
+
+def _test_best_weights(config: TrialConfig, training: _Training, data: TrialData, device, dtype, out_dir: Path,
+                       result: TrialResult) -> None:
+    """Save the best epoch's weights and their test-set embeddings, and fill in the test result."""
+    training.model.load_state_dict(training.best_state)
+    _atomic_save(training.best_state, out_dir / "best_model.pt")
+    embeddings = compute_embeddings(training.model, data, config.target, device, dtype)
+    save_embeddings(embeddings, out_dir / EMBEDDINGS_FILE)
+    # One pass over the test set: the embeddings hold the predictions the test MAE is made of.
+    result.test_mae_meV = mae_milli(torch.from_numpy(embeddings.prediction), torch.from_numpy(embeddings.target))
+    result.best_epoch, result.best_val_mae_meV = training.best_epoch, training.best_val

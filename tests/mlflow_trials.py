@@ -102,10 +102,7 @@ def log_trial(client, experiment_id: str, parent_run_id: str, config: TrialConfi
     client.log_batch(run_id, params=[Param(k, v) for k, v in config.flat_params().items()])
     stamp = int(time.time() * 1000)
     for epoch in result.history:
-        metrics = {"train_loss": epoch.train_loss, "val_mae_meV": epoch.val_mae_meV}
-        # Older study.train versions have no norm share; the analysis must cope with either.
-        metrics.update({f"norm_share_l{l}": v for l, v in getattr(epoch, "norm_share", {}).items()})
-        client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, epoch.epoch) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, epoch.epoch) for k, v in epoch.tracked().items()])
     final = {
         "test_mae_meV": result.test_mae_meV,
         "best_val_mae_meV": result.best_val_mae_meV,

@@ -15,8 +15,10 @@ from torch_geometric.loader import DataLoader
 from analysis.features import analysis_blocks
 from analysis.knockout import trial_knockout, zeroed
 from analysis.load import AnalysisError, load_study
+from study.tracking import TrackingError
 from study.errors import UserError
-from study.train import build_model, prepare_data
+from study.model import build_model
+from study.train import prepare_data
 
 
 def _load(logged_study, **kwargs):
@@ -35,9 +37,9 @@ def test_load_study_returns_every_completed_trial_with_its_files(logged_study):
         assert trial.embeddings.graph.shape == (len(trial.embeddings.target), trial.layout.dim)
         assert trial.weights_path.is_file()
         assert [epoch for epoch, _ in trial.history["val_mae_meV"]] == list(range(1, config.epochs + 1))
-        # The logged per-epoch norm share (when study.train provides it) covers every l of the trial.
+        # The logged per-epoch norm share covers every l of the trial.
         shares = [name for name in trial.history if name.startswith("norm_share_l")]
-        assert not shares or sorted(shares) == sorted(f"norm_share_l{l}" for l in config.l_values)
+        assert sorted(shares) == sorted(f"norm_share_l{l}" for l in config.l_values)
 
 
 def test_parent_filter_keeps_one_sweep(logged_study, tmp_path):
@@ -55,7 +57,7 @@ def test_parent_filter_keeps_one_sweep(logged_study, tmp_path):
     finally:
         client.delete_run(copy)  # the session's study stays as other tests expect it
         client.delete_run(other)
-    with pytest.raises(AnalysisError, match="--parent: no run 'nope'"):
+    with pytest.raises(TrackingError, match="--parent: no run 'nope'"):
         _load(logged_study, parent_run_id="nope")
 
 
@@ -131,6 +133,18 @@ def test_zeroing_l_ge_1_after_the_last_block_changes_nothing_and_zeroing_l0_hurt
         offset = result.predictions[("l0", where)] - composition
         assert np.ptp(offset) < 1e-6 * np.abs(composition).max()
         assert result.deltas["l0"][f"knockout_{where}_meV"] > 0.5 * result.baseline_mae_meV
+
+
+def test_knockouts_refuse_a_qm9_whose_molecules_sit_elsewhere(knockout_trial, qm9):
+    import dataclasses
+
+    from analysis.load import AnalysisError
+
+    # The same molecules, numbered differently (as a differently processed QM9 would be).
+    shuffled = dataclasses.replace(qm9, mol_id=qm9.mol_id.flip(0))
+    with pytest.raises(AnalysisError, match="not at the same places in this QM9") as caught:
+        trial_knockout(knockout_trial, shuffled)
+    assert knockout_trial.run_id in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_knockout_hooks_zero_exactly_the_block_they_name(knockout_trial, qm9):

@@ -197,22 +197,22 @@ def test_a_full_disk_mid_export_keeps_the_old_file_and_names_the_new_one(tmp_pat
 
 
 def test_a_full_disk_mid_sweep_state_keeps_the_old_state(tmp_path, monkeypatch):
-    from study import sweep
+    from study import journal
     from study.space import SearchSpace
 
     space = SearchSpace.model_validate(GOOD_SPACE)
-    sweep._write_state(sweep.SweepRecord(tmp_path, "bad-input", "1", "parent"), space, "sqlite:///mlflow.db", finished=False)
-    before = (tmp_path / sweep.SWEEP_FILE).read_text()
+    journal.write_state(journal.SweepRecord(tmp_path, "bad-input", "1", "parent"), space, "sqlite:///mlflow.db", finished=False)
+    before = (tmp_path / journal.SWEEP_FILE).read_text()
 
     def full(self, text, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(UserError, match=r"irrep_study_sweep.json: cannot write \(No space left on device\)$"):
-        sweep._write_state(sweep.SweepRecord(tmp_path, "bad-input", "1", "parent"), space, "sqlite:///mlflow.db", finished=True)
+        journal.write_state(journal.SweepRecord(tmp_path, "bad-input", "1", "parent"), space, "sqlite:///mlflow.db", finished=True)
     monkeypatch.undo()
-    assert (tmp_path / sweep.SWEEP_FILE).read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == [sweep.SWEEP_FILE]
+    assert (tmp_path / journal.SWEEP_FILE).read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [journal.SWEEP_FILE]
 
 
 def test_exporting_a_run_whose_params_todays_config_refuses_is_one_line(tmp_path):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from study.best import rank_configurations
 from study.cli import app, main
 from study.config import TrialConfig, load_trial_config
+from study.train import EpochMetrics
 
 # (validation MAE, test MAE) per trial: the best on validation is not the best on test.
 TRIALS = {"a": (30.0, 60.0), "b": (40.0, 35.0), "c": (50.0, 45.0)}
@@ -125,7 +126,7 @@ def two_sweeps(tmp_path_factory) -> SimpleNamespace:
         for overrides, seed, history, best_val, test in trials:
             config = TrialConfig(**overrides, seed=seed)
             result = SimpleNamespace(
-                history=[SimpleNamespace(epoch=k, train_loss=1.0 / k, val_mae_meV=v) for k, v in enumerate(history, start=1)],
+                history=[EpochMetrics(epoch=k, train_loss=1.0 / k, val_mae_meV=v) for k, v in enumerate(history, start=1)],
                 test_mae_meV=test, best_val_mae_meV=best_val, baseline_val_mae_meV=SWEEP_BASELINE,
                 baseline_test_mae_meV=SWEEP_BASELINE, num_params=NUM_PARAMS[config.flat_params()["l_values"]],
                 train_seconds=1.0,

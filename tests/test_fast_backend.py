@@ -18,7 +18,7 @@ from study.config import TrialConfig
 from study.data import QM9Dataset, split_indices
 from study.fast_tp import FusedRadialTensorProduct, fully_connected_paths
 from study.model import IrrepConvModel, default_dtype
-from study.train import build_model
+from study.model import build_model
 
 # (l values, hidden_dim): the orders of SEED.md's configurations, small widths for speed.
 CASES = [

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
+from study.config import REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD
 from study.reference import ReferenceFitWarning, TargetReference, element_counts, fit_composition
 
 ELEMENTS = [1, 6, 7, 8, 9]
@@ -109,9 +110,10 @@ def test_absolute_and_standardize_invert_each_other():
 
 
 def test_mean_reference_is_the_seeds_standardisation():
-    reference = TargetReference.mean(-76.1160, 10.3238)
+    reference = TargetReference.mean(REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD)
     output = torch.tensor([0.25, -1.0])
-    assert torch.equal(reference.absolute(output, _batch()), output.double() * 10.3238 + -76.1160)
+    expected = output.double() * REFERENCE_U0_ATOM_STD + REFERENCE_U0_ATOM_MEAN
+    assert torch.equal(reference.absolute(output, _batch()), expected)
 
 
 def test_reference_round_trips_through_dict_and_params():

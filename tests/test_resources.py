@@ -16,7 +16,7 @@ from study.data import CollatedSplit, QM9Dataset, split_indices, target_index
 from study.errors import UserError
 from study.model import count_parameters
 from study.resources import check_fits, estimate, num_params
-from study.train import build_model
+from study.model import build_model
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import yaml
 
 from study.config import ConfigError
 from study.space import OptunaSpace, load_search_space, trial_overrides
-from study.sweep import redact
+from study.tracking import redact
 
 SPACES = Path(__file__).parent.parent / "search_spaces"
 GOOD = {

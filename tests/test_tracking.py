@@ -1,10 +1,10 @@
-"""The trial's tracking journal against a real MLflow server behind a proxy that loses responses."""
+"""The trial's tracking journal (study/journal.py) against a real MLflow server behind a proxy that loses responses."""
 
 from __future__ import annotations
 
 import pytest
 
-from study import tracking
+from study import journal, tracking
 from tests.services import FlakyProxy
 
 
@@ -33,7 +33,7 @@ def test_a_lost_create_response_retried_by_mlflow_leaves_one_run_per_trial(mlflo
     # The server creates the run, but its answer never arrives: MLflow retries (creating more runs),
     # gives up, and the trial journals its `open`.
     proxy.lose_responses = "runs/create"
-    run = tracking.TrialRun(proxy.uri, experiment_id, parent, "t_00000", "t l=0,1", spool_dir=tmp_path)
+    run = journal.TrialRun(proxy.uri, experiment_id, parent, "t_00000", "t l=0,1", spool_dir=tmp_path)
     attempts = proxy.count("lost")
     assert attempts == 1 + tracking.SWEEP_RETRIES  # retried, then journaled
     assert run.run_id is None and run.spool.pending()
@@ -58,7 +58,7 @@ def test_a_lost_create_response_retried_by_mlflow_leaves_one_run_per_trial(mlflo
 def test_a_server_answering_503_gets_retries_then_the_journal_replays_in_order(mlflow_server, proxy, sweep_http_policy, tmp_path):
     experiment_id = tracking.ensure_experiment(mlflow_server.uri, "unavailable")
     parent = tracking.start_sweep_run(mlflow_server.uri, experiment_id, "sweep", {})
-    run = tracking.TrialRun(proxy.uri, experiment_id, parent, "t_00001", "t l=0", spool_dir=tmp_path)
+    run = journal.TrialRun(proxy.uri, experiment_id, parent, "t_00001", "t l=0", spool_dir=tmp_path)
     run.log_epoch(1, {"val_mae_meV": 90.0})
 
     proxy.refuse = 503

@@ -89,7 +89,7 @@ def test_composition_reference_beats_its_baseline_within_a_few_epochs(qm9, tmp_p
 
 def test_target_mean_needs_the_mean_reference():
     with pytest.raises(ValueError, match="target_reference: mean only"):
-        TrialConfig(target_mean=-76.1160, target_std=10.3238)
+        TrialConfig(target_mean=REFERENCE_U0_ATOM_MEAN, target_std=REFERENCE_U0_ATOM_STD)
 
 
 @pytest.mark.parametrize(
