@@ -42,9 +42,7 @@ from analysis.report import write_report
 from analysis.scores import ALL_SCORES, ScoreSettings, knockout_shares, residual_target, score_embedding, structure_sample
 from analysis.survival import complete_configurations, survival_notes, survival_table, trial_runs
 from study import tracking
-from study.tracking import ROLE_TAG
 
-ANALYZED_PARENT_TAG = "irrep_study.analyzed_parent"
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 SUMMARY_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "test_over_baseline")
 
@@ -467,43 +465,26 @@ def _sections(trial_table, configurations, scores, correlations, ablation, withi
 
 def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, seconds: float) -> str:
     """One MLflow run (role=analysis) in the study's experiment: settings, effects, rho per score, every file."""
-    from mlflow.entities import Metric, Param
-
     study = outcome.study
-    client = tracking.client(study.tracking_uri)
-    tags = {ROLE_TAG: "analysis"}
-    if study.parent_run_id:
-        tags[ANALYZED_PARENT_TAG] = study.parent_run_id
-    run = client.create_run(study.experiment_id, run_name=f"analysis {time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
-    run_id = run.info.run_id
-    try:
-        params = {
-            "parent_run_id": study.parent_run_id or "",
-            "trials_analysed": len(study.trials),
-            "trials_skipped": ", ".join(f"{n} {s}" for s, n in sorted(study.skipped.items())),
-            "configurations_compared": int(outcome.trials.loc[outcome.trials["in_comparisons"], "configuration"].nunique()),
-            "n_boot": settings.n_boot,
-            "n_perm": settings.n_perm,
-            "knockout": settings.knockout,
-            **{f"scores.{key}": value for key, value in asdict(settings.scores).items()},
-        }
-        stamp = int(time.time() * 1000)
-        metrics = [Metric("trials_analysed", float(len(study.trials)), stamp, 0), Metric("analysis_seconds", seconds, stamp, 0)]
-        for row in outcome.ablation.itertuples():
-            for name, value in (("effect", row.effect_meV), ("lo", row.lo_meV), ("hi", row.hi_meV)):
-                if isinstance(value, float) and math.isfinite(value):
-                    metrics.append(Metric(f"ablation_{name}_meV/l{row.l}/{row.method}", value, stamp, 0))
-        for row in outcome.correlations.itertuples():
-            for name in ("rho", "tau", "p_rho", "partial_rho"):
-                value = getattr(row, name)
-                if isinstance(value, float) and math.isfinite(value):
-                    metrics.append(Metric(f"{name}/{row.block}/{row.score}", value, stamp, 0))
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        client.log_artifacts(run_id, str(outcome.out_dir))
-    except Exception:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    params = {
+        "parent_run_id": study.parent_run_id or "",
+        "trials_analysed": len(study.trials),
+        "trials_skipped": ", ".join(f"{n} {s}" for s, n in sorted(study.skipped.items())),
+        "configurations_compared": int(outcome.trials.loc[outcome.trials["in_comparisons"], "configuration"].nunique()),
+        "n_boot": settings.n_boot,
+        "n_perm": settings.n_perm,
+        "knockout": settings.knockout,
+        **{f"scores.{key}": value for key, value in asdict(settings.scores).items()},
+    }
+    metrics = {"trials_analysed": float(len(study.trials)), "analysis_seconds": seconds}
+    for row in outcome.ablation.itertuples():
+        for name, value in (("effect", row.effect_meV), ("lo", row.lo_meV), ("hi", row.hi_meV)):
+            if isinstance(value, float) and math.isfinite(value):
+                metrics[f"ablation_{name}_meV/l{row.l}/{row.method}"] = value
+    for row in outcome.correlations.itertuples():
+        for name in ("rho", "tau", "p_rho", "partial_rho"):
+            value = getattr(row, name)
+            if isinstance(value, float) and math.isfinite(value):
+                metrics[f"{name}/{row.block}/{row.score}"] = value
+    return tracking.log_analysis_run(study.tracking_uri, study.experiment_id, f"analysis {time.strftime('%Y%m%d-%H%M%S')}",
+                                     study.parent_run_id, params, metrics, outcome.out_dir)

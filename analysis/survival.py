@@ -42,16 +42,10 @@ def trial_runs(study: Study) -> tuple[pd.DataFrame, list[str], list[str]]:
     ]
     table, context = run_table(records)
     parents = {run.data.tags.get(PARENT_TAG) for run in runs} - {None}
-    client = tracking.client(study.tracking_uri)
-    schedulers = sorted({_parent_scheduler(client, parent) for parent in parents} - {""})
+    sweeps = tracking.sweep_runs(study.tracking_uri, study.experiment_id)
+    # A deleted sweep run is absent: its trials are still analysed.
+    schedulers = sorted({sweeps[parent].data.params.get("scheduler", "") for parent in parents if parent in sweeps} - {""})
     return table, context, schedulers
-
-
-def _parent_scheduler(client, run_id: str) -> str:
-    try:
-        return client.get_run(run_id).data.params.get("scheduler", "")
-    except Exception:  # a deleted sweep run: its trials are still analysed
-        return ""
 
 
 def run_table(records: list[dict]) -> tuple[pd.DataFrame, list[str]]:

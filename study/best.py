@@ -53,13 +53,6 @@ def _summary(values: list[float]) -> dict:
     }
 
 
-def sweep_names(uri: str, experiment_id: str) -> dict[str, str]:
-    """Parent run id -> run name of every sweep of the experiment (the name is the sweep's folder)."""
-    runs = tracking.client(uri).search_runs([experiment_id], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'sweep'",
-                                            max_results=1000)
-    return {run.info.run_id: run.info.run_name for run in runs}
-
-
 def rank_configurations(uri: str, experiment: str, metric: str = SELECTION_METRIC, top: int = 10,
                         where: str | None = None, parent: str | None = None) -> dict:
     """The `top` configurations of `experiment` (or of its sweep `parent`) with the lowest mean
@@ -91,7 +84,7 @@ def rank_configurations(uri: str, experiment: str, metric: str = SELECTION_METRI
     for run in runs:
         key = (run.data.tags.get(tracking.PARENT_TAG, ""), json.dumps(configuration_params(run.data.params), sort_keys=True))
         groups.setdefault(key, []).append(run)
-    names = sweep_names(uri, experiment_id)
+    names = {run_id: run.info.run_name for run_id, run in tracking.sweep_runs(uri, experiment_id).items()}
     configurations = []
     for (parent_id, _), members in groups.items():
         ranked = sorted((run for run in members if _value(run, metric) is not None), key=lambda run: _value(run, metric))

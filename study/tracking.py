@@ -22,6 +22,7 @@ Names other parts rely on (see DESIGN.md):
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,7 @@ ROLE_TAG = "irrep_study.role"
 STATUS_TAG = "irrep_study.status"
 REASON_TAG = "irrep_study.reason"
 TRIAL_ID_TAG = "irrep_study.trial_id"
+ANALYZED_PARENT_TAG = "irrep_study.analyzed_parent"  # on an analysis run: the sweep it analysed
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ARTIFACTS = ("config.yaml", "best_model.pt", "test_embeddings.npz", "result.json")
 FINAL_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_val_mae_meV", "baseline_test_mae_meV", "num_params", "train_seconds")
@@ -212,6 +214,17 @@ def reopen(mlflow_client, run) -> None:
         mlflow_client.delete_tag(run.info.run_id, REASON_TAG)
 
 
+def _every_page(uri: str, experiment_id: str, filter_string: str) -> list:
+    mlflow_client = client(uri)
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def child_runs(uri: str, experiment_id: str, parent_run_id: str | None = None, filter_string: str = "") -> list:
     """Trial runs of an experiment (or of one sweep), every page."""
     clauses = [f"tags.`{ROLE_TAG}` = 'trial'"]
@@ -219,14 +232,35 @@ def child_runs(uri: str, experiment_id: str, parent_run_id: str | None = None, f
         clauses.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
     if filter_string:
         clauses.append(filter_string)
+    return _every_page(uri, experiment_id, " and ".join(clauses))
+
+
+def sweep_runs(uri: str, experiment_id: str) -> dict[str, object]:
+    """Parent run id -> run, for every sweep of the experiment (deleted ones are absent)."""
+    return {run.info.run_id: run for run in _every_page(uri, experiment_id, f"tags.`{ROLE_TAG}` = 'sweep'")}
+
+
+def log_analysis_run(uri: str, experiment_id: str, name: str, parent_run_id: str | None, params: dict[str, object],
+                     metrics: dict[str, float], folder: Path) -> str:
+    """One run (role=analysis) in the study's experiment: params, final metrics and every file of
+    `folder`; it ends FAILED, and the error is raised, when a write fails."""
+    from mlflow.entities import Metric
+
     mlflow_client = client(uri)
-    runs, token = [], None
-    while True:
-        page = mlflow_client.search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    tags = {ROLE_TAG: "analysis", **({ANALYZED_PARENT_TAG: parent_run_id} if parent_run_id else {})}
+    run_id = mlflow_client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    try:
+        log_params(mlflow_client, run_id, {key: str(value) for key, value in params.items()})
+        stamp = int(time.time() * 1000)
+        entries = [Metric(key, value, stamp, 0) for key, value in metrics.items()]
+        for start in range(0, len(entries), 1000):  # MLflow caps a batch at 1000 metrics
+            mlflow_client.log_batch(run_id, metrics=entries[start : start + 1000])
+        mlflow_client.log_artifacts(run_id, str(folder))
+    except Exception:
+        mlflow_client.set_terminated(run_id, "FAILED")
+        raise
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def end_running_trials(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
