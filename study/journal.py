@@ -64,7 +64,8 @@ def latest_unfinished(storage: Path, name: str) -> Path | None:
             state = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        if not state.get("finished"):
+        # `quick-*` also matches the folders of a study named `quick-big`.
+        if not state.get("finished") and state.get("space", {}).get("name") == name:
             candidates.append(marker.parent)
     return max(candidates, key=lambda p: p.name) if candidates else None
 

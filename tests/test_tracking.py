@@ -74,3 +74,22 @@ def test_a_server_answering_503_gets_retries_then_the_journal_replays_in_order(m
     assert not run.spool.pending()
     history = tracking.client(mlflow_server.uri).get_metric_history(run.run_id, "val_mae_meV")
     assert sorted((m.step, m.value) for m in history) == [(1, 90.0), (2, 80.0), (3, 70.0), (4, 60.0)]
+
+
+def test_resume_finds_only_the_unfinished_sweeps_of_its_own_study(tmp_path):
+    from study.space import SearchSpace
+
+    def sweep_folder(study: str, stamp: str, finished: bool):
+        space = SearchSpace.model_validate({"name": study, "trial": {"hidden_dim": 4, "subset": 300, "epochs": 1},
+                                            "search": {"method": "grid", "grid": [{"l_values": [0]}]}})
+        folder = tmp_path / f"{study}-{stamp}"
+        folder.mkdir()
+        journal.write_state(journal.SweepRecord(folder, study, "1", "parent"), space, "sqlite:///mlflow.db", finished)
+        return folder
+
+    mine = sweep_folder("quick", "20261126-080000", finished=False)
+    sweep_folder("quick", "20261126-090000", finished=True)
+    sweep_folder("quick-big", "20261126-100000", finished=False)  # newer, and `quick-*` matches its name
+    assert journal.latest_unfinished(tmp_path, "quick") == mine
+    assert journal.latest_unfinished(tmp_path, "quick-big").name == "quick-big-20261126-100000"
+    assert journal.latest_unfinished(tmp_path, "other") is None
