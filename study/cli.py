@@ -77,9 +77,27 @@ def _global_options(
         # Eager: answered before the command that would otherwise be required.
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show Ray's, MLflow's and Optuna's own log lines and Ray Tune's banners.")
+    ] = False,
 ) -> None:
     global _debug
     _debug = debug
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """What this tool says is enough by default: MLflow's INFO lines (creating its tables), Ray's
+    note that token authentication is on (README says so), Ray Tune's experiment banner and its
+    TensorBoard hint are shown only with --verbose. Their warnings and errors still are."""
+    import logging
+
+    # Read by MLflow when it is imported, here and in the trial workers this process starts.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Ray Tune's older console output, which `verbose=0` (study/sweep.py) silences entirely.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def _emit_json(document: dict) -> None:

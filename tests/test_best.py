@@ -6,7 +6,9 @@ metric are counted, not dropped silently."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 from importlib.metadata import version
 from types import SimpleNamespace
@@ -293,3 +295,20 @@ def test_the_left_out_line_names_each_reason_with_its_statuses():
     both = left_out_note("best_val_mae_meV", 9, Counter(stopped_early=2, failed=1), Counter(diverged=1))
     assert both == ("left out of the ranking: 4 of 9 runs: 3 without best_val_mae_meV (1 failed, 2 stopped_early); "
                     "1 with a non-finite best_val_mae_meV (1 diverged)")
+
+
+def test_library_log_lines_show_only_with_verbose(tmp_path):
+    # A fresh SQLite store: MLflow logs creating its tables at INFO.
+    def best(*flags: str) -> subprocess.CompletedProcess:
+        store = tmp_path / f"store{len(flags)}"
+        store.mkdir()
+        return subprocess.run(
+            [sys.executable, "-m", "study.cli", *flags, "best", "--experiment", "nope", "--tracking-uri", f"sqlite:///{store}/mlflow.db"],
+            capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"},
+        )
+
+    quiet, verbose = best(), best("--verbose")
+    assert quiet.returncode == verbose.returncode == 2
+    assert quiet.stderr.splitlines() == ["error: --experiment: no experiment named 'nope' in " + f"sqlite:///{tmp_path}/store0/mlflow.db"]
+    assert "Creating initial MLflow database tables" in verbose.stderr
+    assert verbose.stderr.splitlines()[-1] == quiet.stderr.splitlines()[-1].replace("store0", "store1")
