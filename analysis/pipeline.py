@@ -327,6 +327,13 @@ def _tables(study: Study, scored: _Scored, runs: pd.DataFrame, context: list[str
                    pd.concat(scored.within, ignore_index=True), learned)
 
 
+def per_trial_descriptor_table(within: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial (run id and label), one column of rho per descriptor. Keyed by run id:
+    two trials may share a label (it leaves out what does not vary in a configuration's name, such
+    as a seed-independent lr), and `pivot` raises instead of dropping a duplicate silently."""
+    return within.pivot(index=["run_id", "label"], columns="descriptor", values="rho").reset_index()
+
+
 def _write_tables(out_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, Path]:
     files = {}
     for name, frame in frames.items():
@@ -423,7 +430,7 @@ def _sections(trial_table, configurations, scores, correlations, ablation, withi
     rank = {name: k for k, name in enumerate(plots.block_order(summary["block"]))}
     summary = summary.sort_values(["block", "score"], key=lambda col: col.map(rank) if col.name == "block" else col)
     ranked = correlations.reindex(correlations["p_rho"].sort_values(kind="stable", na_position="last").index)
-    within_wide = within_table.pivot_table(index="label", columns="descriptor", values="rho", aggfunc="first").reset_index()
+    within_wide = per_trial_descriptor_table(within_table)
     umaps = [figures[name] for name in figures if name.startswith("umap_")]
     others = [figures[name] for name in ("correlation_heatmap", "score_vs_error", "norm_share_by_epoch") if name in figures]
     forest = [figures["ablation_effects"]] if "ablation_effects" in figures else []

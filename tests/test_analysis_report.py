@@ -221,3 +221,19 @@ def test_analysis_never_imports_ray():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_per_trial_descriptor_table_keeps_trials_that_share_a_label():
+    from analysis.pipeline import per_trial_descriptor_table
+
+    # Two trials differing only in lr have the same label (l, h, seed): both must stay.
+    within = pd.DataFrame([
+        {"run_id": run_id, "label": "l=0,1 h=8 seed=1", "descriptor": descriptor, "rho": rho}
+        for run_id, base in (("run-a", 0.1), ("run-b", 0.2), ("run-c", 0.3))
+        for descriptor, rho in (("nsps", base), ("num_rings", -base))
+    ])
+    table = per_trial_descriptor_table(within)
+    assert sorted(table["run_id"]) == ["run-a", "run-b", "run-c"]
+    assert table.set_index("run_id").loc["run-b", "nsps"] == 0.2 and table.set_index("run_id").loc["run-c", "num_rings"] == -0.3
+    with pytest.raises(ValueError):  # a duplicated (trial, descriptor) is an error, never silently dropped
+        per_trial_descriptor_table(pd.concat([within, within.iloc[:1]]))
