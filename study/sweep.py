@@ -719,7 +719,7 @@ def _end_interrupted(uri: str, record: SweepRecord, unfinished: int, log: Callab
     the parent run as `interrupted` with the reason. Returns the trial journals still pending."""
     pending = finish_tracking(uri, record, log)
     if pending:
-        return pending  # the runs end once `irrep-study sync` or `--resume` can write again
+        return pending  # the server takes no writes: the runs stay RUNNING until `--resume` continues them
     try:
         stopped = tracking.end_running_trials(uri, record.experiment_id, record.parent_run_id, SIGINT_REASON)
         tracking.finish_run(tracking.client(uri), record.parent_run_id, "interrupted", SIGINT_REASON)
