@@ -41,6 +41,7 @@ log = Console(stderr=True, highlight=False, soft_wrap=True)
 # The exit code of a process stopped by SIGINT (128 + 2), as shells report Ctrl-C.
 INTERRUPTED_EXIT = 130
 _debug = False
+_verbose = False
 
 
 class EdgeKind(str, Enum):
@@ -81,8 +82,8 @@ def _global_options(
         bool, typer.Option("--verbose", help="Also show Ray's, MLflow's and Optuna's own log lines and Ray Tune's banners.")
     ] = False,
 ) -> None:
-    global _debug
-    _debug = debug
+    global _debug, _verbose
+    _debug, _verbose = debug, verbose
     if not verbose:
         _quiet_libraries()
 
@@ -316,7 +317,7 @@ def sweep(
     with contextlib.redirect_stdout(sys.stderr):
         outcome = run_sweep(
             space, tensors, uri, experiment or space.name, storage,
-            address=address, resume=resume, show_progress=True, log=lambda message: log.print(message),
+            address=address, resume=resume, show_progress=True, log=lambda message: log.print(message), verbose=_verbose,
         )
     report = outcome.to_dict()
     if as_json:

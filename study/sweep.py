@@ -384,7 +384,7 @@ class SeedAwareASHA(FIFOScheduler):
         return f"Seed-aware ASHA at epochs {self._rungs}: {self.groups.summary() if self.groups else ''}"
 
 
-def _searcher_and_space(space: SearchSpace):
+def _searcher_and_space(space: SearchSpace, verbose: bool = False):
     from ray import tune
 
     if space.search.method == "grid":
@@ -400,6 +400,9 @@ def _searcher_and_space(space: SearchSpace):
         return None, param_space, 1
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    if not verbose:  # "A new study created in memory ...": Optuna's INFO lines only with --verbose
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=space.search.seed),
@@ -534,6 +537,7 @@ def run_sweep(
     resume: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> SweepOutcome:
     """Run (or with `resume`, continue) the study `space`; every trial ends up in MLflow.
 
@@ -545,7 +549,7 @@ def run_sweep(
         record = _reopen_sweep(storage, space, tracking_uri, log)
     else:
         record = _new_sweep(storage, space, tracking_uri, experiment, log)
-    tuner = _tuner(space, tensors, tracking_uri, record, resume, show_progress)
+    tuner = _tuner(space, tensors, tracking_uri, record, resume, show_progress, verbose)
     with _watching_for_interruption() as interruption:
         results = tuner.fit()
 
@@ -615,7 +619,7 @@ def _reopen_sweep(storage: Path, space: SearchSpace, tracking_uri: str, log: Cal
 
 
 def _tuner(space: SearchSpace, tensors: QM9Tensors, tracking_uri: str, record: SweepRecord, resume: bool,
-           show_progress: bool):
+           show_progress: bool, verbose: bool):
     from ray import tune
 
     spool_dir = record.path / "tracking_journal"
@@ -628,7 +632,7 @@ def _tuner(space: SearchSpace, tensors: QM9Tensors, tracking_uri: str, record: S
         # The run config, callbacks included, comes back from Ray's saved experiment state.
         return tune.Tuner.restore(str(record.path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     callbacks: list[Callback] = [TrackTrialEnds(tracking_uri, str(spool_dir))] + ([ProgressTable()] if show_progress else [])
-    searcher, param_space, num_samples = _searcher_and_space(space)
+    searcher, param_space, num_samples = _searcher_and_space(space, verbose)
     return tune.Tuner(
         trainable,
         param_space=param_space,
