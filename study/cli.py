@@ -91,7 +91,8 @@ def _global_options(
 def _quiet_libraries() -> None:
     """What this tool says is enough by default: MLflow's INFO lines (creating its tables), Ray's
     note that token authentication is on (README says so), Ray Tune's experiment banner and its
-    TensorBoard hint are shown only with --verbose. Their warnings and errors still are."""
+    TensorBoard hint are shown only with --verbose (Optuna's INFO lines: study/sweep.py, where the
+    study is created). Their warnings and errors still are."""
     import logging
 
     # Read by MLflow when it is imported, here and in the trial workers this process starts.
