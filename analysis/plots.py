@@ -106,6 +106,10 @@ def score_scatter_figure(scores: pd.DataFrame, correlations: pd.DataFrame, path:
     return _save(fig, path)
 
 
+# |rho| above which RdBu_r cells are dark enough to need white text.
+HEATMAP_DARK_ABOVE = 0.6
+
+
 def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
     """Spearman rho of every score (rows) and block (columns) with test MAE across configurations;
     blank where undefined or left out (scores determined by the test MAE itself)."""
@@ -113,14 +117,17 @@ def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
         return None
     table = correlations.pivot(index="score", columns="block", values="rho")
     table = table[block_order(table.columns)]
-    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3, 0.45 * table.shape[0] + 1.5))
+    counts = correlations.pivot(index="score", columns="block", values="n_configurations").reindex_like(table)
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3, 0.6 * table.shape[0] + 1.5))
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(table.to_numpy(dtype=float)), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, fontsize=8)
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
     for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+            # White on the dark ends of the colour map, black on its light middle; n: configurations.
+            color = "white" if abs(value) > HEATMAP_DARK_ABOVE else "black"
+            ax.text(j, i, f"{value:.2f}\nn={int(counts.iat[i, j])}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="Spearman rho with test MAE")
     ax.set_title("score vs test error across configurations (grey: undefined or not tested)", fontsize=9)
     return _save(fig, path)
@@ -153,6 +160,8 @@ def norm_share_figure(histories: list[tuple[str, float, dict[str, list[tuple[int
         ax.set_title(f"l = {l}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("share of squared norm", fontsize=8)
+        # One scale for every panel, the whole range of a share: a 1-3% share must look small.
+        ax.set_ylim(0.0, 1.0)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), label="test MAE (meV)")
     return _save(fig, path)
 
