@@ -41,6 +41,11 @@ class SweepRecord:
     experiment_id: str
     parent_run_id: str
 
+    @classmethod
+    def from_state(cls, folder: Path, state: dict) -> SweepRecord:
+        """The record of the sweep in `folder`, from its state file's contents."""
+        return cls(Path(folder), state["experiment"], state["experiment_id"], state["parent_run_id"])
+
 
 def write_state(record: SweepRecord, space: SearchSpace, tracking_uri: str, finished: bool) -> None:
     """The sweep's state file, written whole or not at all."""
@@ -327,6 +332,5 @@ def sync_sweeps(uri: str, storage: Path, experiment: str, log: Callable[[str], N
         raise UserError(f"--experiment: no sweep of experiment {experiment!r} in {storage}")
     pending = 0
     for folder, state in folders:
-        record = SweepRecord(folder, state["experiment"], state["experiment_id"], state["parent_run_id"])
-        pending += finish_tracking(uri, record, log, final=state.get("finished", False))
+        pending += finish_tracking(uri, SweepRecord.from_state(folder, state), log, final=state.get("finished", False))
     return {"sweeps": len(folders), "pending": pending}

@@ -611,8 +611,7 @@ def _reopen_sweep(storage: Path, space: SearchSpace, tracking_uri: str, log: Cal
     path = latest_unfinished(storage, space.name)
     if path is None:
         raise UserError(f"--resume: no unfinished sweep named {space.name!r} in {storage}")
-    state = json.loads((path / SWEEP_FILE).read_text())
-    record = SweepRecord(path, state["experiment"], state["experiment_id"], state["parent_run_id"])
+    record = SweepRecord.from_state(path, json.loads((path / SWEEP_FILE).read_text()))
     tracking.reopen_run(tracking_uri, record.parent_run_id)  # it ended as interrupted after a Ctrl-C
     log(f"resuming {path.name}: MLflow experiment {record.experiment!r}, parent run {record.parent_run_id}")
     return record
