@@ -202,14 +202,35 @@ def ablation_effects(trials: pd.DataFrame, context: Sequence[str], metric: str =
     return table.reset_index(drop=True)
 
 
+def _headline_methods(group: pd.DataFrame) -> tuple[pd.Series | None, pd.Series | None]:
+    """The paired row when the study has pairs for this l, else None; and the regression row."""
+    by_method = group.set_index("method")
+    paired = by_method.loc["paired"] if "paired" in by_method.index else None
+    regression = by_method.loc["regression"] if "regression" in by_method.index else None
+    if paired is not None and not (paired["n_pairs"] > 0 and math.isfinite(paired["effect_meV"])):
+        paired = None
+    return paired, regression
+
+
+def headline_estimates(table: pd.DataFrame) -> dict[int, tuple[str, pd.Series]]:
+    """Per l, (method, row) of the estimate the headline reports, picked as `headline` picks it;
+    an l the study cannot estimate is absent."""
+    chosen = {}
+    for l, group in table.groupby("l", sort=True):
+        paired, regression = _headline_methods(group)
+        if paired is not None:
+            chosen[int(l)] = ("paired", paired)
+        elif regression is not None and math.isfinite(regression["effect_meV"]):
+            chosen[int(l)] = ("regression", regression)
+    return chosen
+
+
 def headline(table: pd.DataFrame) -> list[str]:
     """One sentence per l: the paired estimate where the study has pairs, else the regression's."""
     sentences = []
     for l, group in table.groupby("l", sort=True):
-        by_method = group.set_index("method")
-        paired = by_method.loc["paired"] if "paired" in by_method.index else None
-        regression = by_method.loc["regression"] if "regression" in by_method.index else None
-        if paired is not None and paired["n_pairs"] > 0 and math.isfinite(paired["effect_meV"]):
+        paired, regression = _headline_methods(group)
+        if paired is not None:
             sentences.append(
                 f"including l={l} changed test MAE by {_interval_text(paired)} over {int(paired['n_pairs'])} paired "
                 f"comparisons ({int(paired['n_configuration_pairs'])} pairs of configurations"

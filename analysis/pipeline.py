@@ -14,7 +14,9 @@ Outputs in ``out_dir``:
   trial's absolute error;
 - PNGs (ablation forest plot, UMAP per block, score vs error, correlation heatmap, norm share per
   epoch) and a self-contained ``report.html`` whose first section is the ablation effects.
-Everything is then logged as one MLflow run tagged ``irrep_study.role=analysis``.
+Everything is then logged as one MLflow run tagged ``irrep_study.role=analysis``, nested under the
+analysed sweep's parent run (see `analysed_sweep`): every file as an artifact, a few summary
+numbers as metrics.
 
 Comparisons across the study (effects, correlations) use only configurations whose seeds all
 completed (analysis/survival.py); every completed trial is still scored and listed.
@@ -32,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import findings as found
 from analysis import plots
-from analysis.ablation import ablation_effects, headline
+from analysis.ablation import ablation_effects, headline, headline_estimates
 from analysis.configurations import baseline_notes, configuration_summary
 from analysis.correlate import correlate_scores, molecule_correlations
 from analysis.descriptors import descriptors
@@ -45,6 +48,7 @@ from study import tracking
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 SUMMARY_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "test_over_baseline")
+SIGNIFICANCE = 0.05  # a correlation counts as significant in the analysis run's summary when its q_rho is below
 
 
 @dataclass
@@ -206,6 +210,9 @@ def run_analysis(
     figures = _figures(out_dir, study.trials, tables.trials, tables.scores, tables.correlations, tables.ablation,
                        scored.projections, settings)
     files.update({name: path for name, (path, _) in figures.items()})
+    answer = _findings(runs, context, tables, out_dir)
+    files.update({name: path for name, (path, _) in answer.figures.items()})
+    files.update(_write_tables(out_dir, {"importance": answer.importance, "pareto": answer.pareto}))
     report("figures", 1, 1)
     warnings = [*notes, *tables.learned]
     files["report"] = write_report(
@@ -213,8 +220,9 @@ def run_analysis(
         title=f"irrep-study analysis: {experiment}",
         summary=_summary(experiment, parent_run_id, study, tables.trials, tables.compared, skipped, settings),
         warnings=warnings,
-        sections=_sections(tables.trials, tables.configurations, tables.scores, tables.correlations, tables.ablation,
-                           tables.within, figures, notes),
+        sections=[*answer.sections(),
+                  *_sections(tables.trials, tables.configurations, tables.scores, tables.correlations, tables.ablation,
+                             tables.within, figures, notes)],
     )
 
     outcome = AnalysisOutcome(out_dir, study, tables.trials, tables.scores, tables.correlations, tables.ablation,
@@ -327,6 +335,74 @@ def _tables(study: Study, scored: _Scored, runs: pd.DataFrame, context: list[str
                    pd.concat(scored.within, ignore_index=True), learned)
 
 
+PARETO_NAMES = {"num_params": "parameters", "best_val_mae_meV_mean": "val MAE mean (meV)", "best_val_mae_meV_sd": "val MAE sd",
+                "n_completed": "n", "test_mae_meV_mean": "test MAE mean (meV)"}
+
+
+@dataclass
+class _Findings:
+    sentences: list[str]
+    importance: pd.DataFrame
+    importance_n: int  # configurations Optuna's evaluator saw
+    unvalued: int  # configurations without any finite validation MAE, left out of the importance
+    errors: pd.DataFrame  # mean +/- sd per configuration, ranked on validation
+    pareto: pd.DataFrame
+    figures: dict[str, tuple[Path, str]]
+
+    SHOWN = 10  # configurations listed in the findings; every one is in "Configurations and survivorship"
+
+    def sections(self):
+        """The report's first two sections: the findings, then Optuna's stock plots of the search."""
+        left_out = (f" {self.unvalued} configuration(s) without any finite validation MAE (diverged or failed in every "
+                    "seed) are left out of the importance." if self.unvalued else "")
+        shown = self.errors.head(self.SHOWN)
+        listed = (f"The {len(shown)} best of {len(self.errors)} configurations on validation MAE (mean ± seed sd over "
+                  f"n completed seeds), test MAE beside the composition fit's; all {len(self.errors)} are in "
+                  "'Configurations and survivorship' below." if len(self.errors) > len(shown) else
+                  "Every configuration with a completed seed, ranked on validation MAE (mean ± seed sd over n completed "
+                  "seeds), test MAE beside the composition fit's.")
+        front = self.pareto[self.pareto["on_front"]] if len(self.pareto) else self.pareto
+        pareto_columns = [c for c in ("configuration", "l_values", "num_params", "best_val_mae_meV_mean",
+                                      "best_val_mae_meV_sd", "n_completed", "test_mae_meV_mean") if c in front.columns]
+        figures = [self.figures[name] for name in ("pareto",) if name in self.figures]
+        optuna_plots = [self.figures[name] for name in ("optuna_importance", "optuna_history", "optuna_parallel", "optuna_slice")
+                        if name in self.figures]
+        return [
+            ("Findings",
+             "Parameter importance: Optuna's fANOVA over every configuration of the study "
+             f"({self.importance_n}), early-stopped ones at the epoch where they stopped, valued at the mean over seeds "
+             "of the last validation MAE; include_l<k>: whether the l set holds k." + left_out + " " + listed +
+             " Pareto front: configurations no other beats on both mean validation MAE and parameter count.",
+             [("importance", self.importance, "Importance of each varied parameter for the validation MAE"),
+              ("findings_configurations", shown, "Configurations ranked on validation MAE"),
+              ("pareto_front", front[pareto_columns].rename(columns=PARETO_NAMES), "Pareto front: validation MAE against size")],
+             figures, self.sentences),
+            ("The search as Optuna sees it",
+             "Optuna's stock plots of the same configurations (one Optuna trial per configuration, valued at the mean "
+             "over seeds of the last validation MAE).", [], optuna_plots),
+        ]
+
+
+def _findings(runs: pd.DataFrame, context: list[str], tables: _Tables, out_dir: Path) -> _Findings:
+    """The answer first: importance over every configuration, errors per configuration, the front."""
+    values, unvalued = found.configuration_values(runs, context)
+    study = found.importance_study(values)
+    importance = found.parameter_importance(study)
+    figures = found.optuna_figures(study, out_dir)
+    sizes = tables.trials.groupby("configuration", sort=False)[["l_values", "num_params"]].first()
+    pareto = found.pareto_front(tables.configurations.join(sizes, on="configuration"))
+    path = found.pareto_figure(pareto, out_dir / "pareto.png")
+    if path:
+        figures["pareto"] = (path, "Mean validation MAE (seed sd as bars) against parameters per configuration, marked by its "
+                                   "largest l; red: the Pareto front, labelled with the l sets.")
+    sentences = found.finding_sentences(
+        headline(tables.ablation), headline_estimates(tables.ablation), importance, len(values),
+        tables.configurations, tables.correlations, SIGNIFICANCE,
+    )
+    return _Findings(sentences, importance, len(values), unvalued, found.configuration_errors(tables.configurations),
+                     pareto, figures)
+
+
 def per_trial_descriptor_table(within: pd.DataFrame) -> pd.DataFrame:
     """One row per trial (run id and label), one column of rho per descriptor. Keyed by run id:
     two trials may share a label (it leaves out what does not vary in a configuration's name, such
@@ -343,12 +419,14 @@ def _write_tables(out_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, P
 
 
 def _summary(experiment, parent_run_id, study, trial_table, compared, skipped, settings) -> dict[str, str]:
-    best = trial_table.groupby("configuration")[["test_mae_meV", "baseline_test_mae_meV"]].mean().sort_values("test_mae_meV")
+    # Chosen on validation, never on test (DESIGN.md); its test MAE is reported.
+    best = (trial_table.groupby("configuration")[["best_val_mae_meV", "test_mae_meV", "baseline_test_mae_meV"]].mean()
+            .sort_values("best_val_mae_meV", kind="stable"))
     errors = "none"
     if len(best):
         top = best.iloc[0]
         errors = (
-            f"best configuration {best.index[0]}: test MAE {top['test_mae_meV']:.1f} meV (mean over seeds) against "
+            f"best configuration on validation {best.index[0]}: test MAE {top['test_mae_meV']:.1f} meV (mean over seeds) against "
             f"{top['baseline_test_mae_meV']:.1f} meV for the composition fit alone ({top['test_mae_meV'] / top['baseline_test_mae_meV']:.2f} x)"
         )
     return {
@@ -382,7 +460,8 @@ def _molecule_table(trials: list[Trial], table: pd.DataFrame, error_columns: dic
 
 # The study-level figures `analyze` can write (each only when there is something to show), beside
 # the UMAP grids of single trials (umap_*.png). results/ folders publish a subset of them.
-STUDY_FIGURES = ("ablation_effects.png", "correlation_heatmap.png", "score_vs_error.png", "norm_share_by_epoch.png")
+STUDY_FIGURES = ("pareto.png", "optuna_importance.png", "optuna_history.png", "optuna_parallel.png", "optuna_slice.png",
+                 "ablation_effects.png", "correlation_heatmap.png", "score_vs_error.png", "norm_share_by_epoch.png")
 
 
 def _figures(out_dir, trials, trial_table, scores, correlations, ablation, projections, settings) -> dict[str, tuple[Path, str]]:
@@ -397,11 +476,20 @@ def _figures(out_dir, trials, trial_table, scores, correlations, ablation, proje
     path = plots.score_scatter_figure(scores[scores["configuration"].isin(trial_table.loc[trial_table["in_comparisons"], "configuration"])],
                                       correlations, out_dir / "score_vs_error.png")
     if path:
-        figures["score_vs_error"] = (path, "Strongest rank correlations: rank of score vs rank of test MAE (configuration means), "
-                                     "with the rank fit (slope = rho).")
-    path = plots.norm_share_figure([(t.label, t.test_mae_meV, t.history) for t in trials], out_dir / "norm_share_by_epoch.png")
+        figures["score_vs_error"] = (path, "Strongest rank correlations: each score's value vs test MAE in meV, one point per "
+                                     "configuration (means over seeds; bars: seed-to-seed sd of test MAE where it has more "
+                                     "than one seed). Per panel: Spearman rho (with its 95% CI where there are enough configurations), "
+                                     "its permutation p and the number of configurations n.")
+    # Lines are grouped by configuration (its seeds share a style), so the figure gets the configuration label.
+    configuration = trial_table.set_index("run_id")["configuration"]
+    path = plots.norm_share_figure([(configuration[t.run_id], t.test_mae_meV, t.history) for t in trials],
+                                   out_dir / "norm_share_by_epoch.png")
     if path:
-        figures["norm_share_by_epoch"] = (path, "Share of the validation embeddings' squared norm per l, by epoch (logged during training); colour: test MAE.")
+        figures["norm_share_by_epoch"] = (path, "Share of the validation embeddings' squared norm per l, by epoch (logged during "
+                                          "training), one line per trial; the seeds of a configuration share a colour and line "
+                                          "style, configurations ranked by mean test MAE (dark: best), named in the legend with it "
+                                          f"(past {plots.NORM_SHARE_LEGEND_MAX} configurations, only the "
+                                          f"{plots.NORM_SHARE_LEGEND_ENDS} best and worst).")
     order = trial_table.sort_values("test_mae_meV", kind="stable")["run_id"].tolist()
     chosen = list(dict.fromkeys(order[: settings.umap_figures] + order[::-1][: settings.umap_figures]))
     by_id = {t.run_id: t for t in trials}
@@ -471,7 +559,9 @@ def _sections(trial_table, configurations, scores, correlations, ablation, withi
 
 
 def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, seconds: float) -> str:
-    """One MLflow run (role=analysis) in the study's experiment: settings, effects, rho per score, every file."""
+    """One MLflow run (role=analysis) in the study's experiment: settings as params; as metrics only
+    a summary (trials, configurations, per l the headline ablation effect with its interval, how
+    many correlations are significant after the Benjamini-Hochberg correction, seconds); every file."""
     study = outcome.study
     params = {
         "parent_run_id": study.parent_run_id or "",
@@ -483,15 +573,32 @@ def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, secon
         "knockout": settings.knockout,
         **{f"scores.{key}": value for key, value in asdict(settings.scores).items()},
     }
-    metrics = {"trials_analysed": float(len(study.trials)), "analysis_seconds": seconds}
-    for row in outcome.ablation.itertuples():
-        for name, value in (("effect", row.effect_meV), ("lo", row.lo_meV), ("hi", row.hi_meV)):
-            if isinstance(value, float) and math.isfinite(value):
-                metrics[f"ablation_{name}_meV/l{row.l}/{row.method}"] = value
-    for row in outcome.correlations.itertuples():
-        for name in ("rho", "tau", "p_rho", "partial_rho"):
-            value = getattr(row, name)
-            if isinstance(value, float) and math.isfinite(value):
-                metrics[f"{name}/{row.block}/{row.score}"] = value
+    # A handful of summary metrics, not one per score: hundreds of them made the experiment's chart
+    # view open on the analysis instead of the trials' curves. Every number is in the CSV artifacts.
+    q_values = pd.to_numeric(outcome.correlations["q_rho"], errors="coerce") if len(outcome.correlations) else pd.Series(dtype=float)
+    metrics = {
+        "trials_analysed": float(len(study.trials)),
+        "configurations_compared": float(params["configurations_compared"]),
+        "correlations_tested": float(q_values.notna().sum()),
+        "significant_correlations": float((q_values < SIGNIFICANCE).sum()),
+        "analysis_seconds": seconds,
+    }
+    for l, (method, row) in headline_estimates(outcome.ablation).items():
+        params[f"ablation_method/l{l}"] = method
+        for name, column in (("effect", "effect_meV"), ("lo", "lo_meV"), ("hi", "hi_meV")):
+            value = float(row[column])
+            if math.isfinite(value):
+                metrics[f"ablation_{name}_meV/l{l}"] = value
     return tracking.log_analysis_run(study.tracking_uri, study.experiment_id, f"analysis {time.strftime('%Y%m%d-%H%M%S')}",
-                                     study.parent_run_id, params, metrics, outcome.out_dir)
+                                     study.parent_run_id, params, metrics, outcome.out_dir, nest_under=analysed_sweep(study))
+
+
+def analysed_sweep(study: Study) -> str | None:
+    """The sweep run the analysis run nests under: the `--parent` sweep, or, for an analysis of a
+    whole experiment, the one sweep every analysed trial belongs to. Trials of several sweeps leave
+    the run at the top level: MLflow gives a run one parent, and nesting it under any one of the
+    sweeps would file the others' trials under it."""
+    if study.parent_run_id:
+        return study.parent_run_id
+    parents = {trial.parent_run_id for trial in study.trials}
+    return parents.pop() if len(parents) == 1 and None not in parents else None

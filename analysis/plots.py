@@ -6,6 +6,7 @@ Pictures complement the numbers of correlations.csv; none of them is the evidenc
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -15,9 +16,10 @@ matplotlib.use("Agg")  # before pyplot: analysis runs on servers and in CI witho
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
 
 DPI = 110
+# Characters per line of a UMAP figure's title: about what 10 pt text fits across its 8 inches.
+UMAP_TITLE_WIDTH = 90
 
 
 def block_order(names) -> list[str]:
@@ -42,7 +44,10 @@ def umap_figure(
 ) -> Path:
     """One row per block: its 2D UMAP coloured by nSPS (left) and by absolute error (right)."""
     names = list(projections)
-    fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.2 * len(names)), squeeze=False)
+    # Constrained layout reserves room for the suptitle above the panel titles (tight_layout let a
+    # long one run into them and past the figure's edges); the title, a trial label with its run
+    # id, is wrapped to the figure's width.
+    fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.2 * len(names)), squeeze=False, layout="constrained")
     # Errors are heavy-tailed: a log colour scale keeps the many small errors distinguishable.
     error = np.maximum(np.asarray(abs_error_meV, dtype=np.float64), 1e-3)
     for row, name in enumerate(names):
@@ -62,17 +67,18 @@ def umap_figure(
             ax.set_title(f"{name}: {label}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, UMAP_TITLE_WIDTH), fontsize=10)
     return _save(fig, path)
 
 
 def score_scatter_figure(scores: pd.DataFrame, correlations: pd.DataFrame, path: Path, top: int = 9) -> Path | None:
-    """Rank of score vs rank of test MAE (configuration means over seeds) for the most significant
-    correlations, each with its rank fit.
+    """Score vs test MAE in their units (configuration means over seeds, error bars: the test MAE's
+    seed-to-seed sd where a configuration has more than one seed) for the most significant
+    correlations.
 
-    In rank space the least-squares line has slope rho (Spearman), so the line is the fit whose
-    strength the table reports; the title gives rho, its 95% CI and the number of configurations.
+    The values, not their ranks: a reader sees how much the error differs (meV) and how the score
+    is spread. The statistic is still the rank one the table reports: the title gives Spearman rho
+    and its 95% CI, the panel rho, its permutation p and the number of configurations n.
     """
     candidates = correlations[np.isfinite(correlations["rho"])].copy()
     if candidates.empty:
@@ -88,20 +94,26 @@ def score_scatter_figure(scores: pd.DataFrame, correlations: pd.DataFrame, path:
     for ax, (_, row) in zip(axes.flat, candidates.iterrows()):
         group = scores[(scores["block"] == row["block"]) & (scores["score"] == row["score"])]
         group = group[np.isfinite(group["value"]) & np.isfinite(group["test_mae_meV"])]
-        group = group.groupby("configuration")[["value", "test_mae_meV"]].mean()
-        rx, ry = stats.rankdata(group["value"]), stats.rankdata(group["test_mae_meV"])
-        ax.scatter(rx, ry, s=18)
-        slope, intercept = np.polyfit(rx, ry, 1)
-        grid = np.linspace(rx.min(), rx.max(), 2)
-        ax.plot(grid, slope * grid + intercept, color="crimson")
-        ax.set_xlabel(f"rank of {row['score']}", fontsize=8)
-        ax.set_ylabel("rank of test MAE (mean over seeds)", fontsize=8)
+        # The same configuration means the correlation is computed on (analysis/correlate.py).
+        group = group.groupby("configuration").agg(
+            value=("value", "mean"), mae=("test_mae_meV", "mean"), sd=("test_mae_meV", "std"), seeds=("test_mae_meV", "count")
+        )
+        spread = (group["seeds"] > 1).to_numpy()  # a single seed has no sd: no bar rather than a zero one
+        if spread.any():
+            ax.errorbar(group["value"][spread], group["mae"][spread], yerr=group["sd"][spread], fmt="none",
+                        ecolor="grey", elinewidth=0.8, capsize=2)
+        ax.scatter(group["value"], group["mae"], s=18, zorder=3)
+        ax.set_xlabel(f"{row['score']} of {row['block']} (mean over seeds)", fontsize=8)
+        ax.set_ylabel("test MAE (meV, mean ± sd over seeds)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        # An empty legend holding the statistics: loc="best" puts it where it hides the fewest points.
+        annotation = ax.legend([], [], title=f"Spearman rho = {row['rho']:.2f}\np = {row['p_rho']:.2g}\nn = {row['n_configurations']}",
+                               loc="best", title_fontsize=7, alignment="left")
+        annotation.get_frame().set_alpha(0.8)
         interval = (
-            f"[{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if np.isfinite(row["rho_lo"]) else "(too few configurations for a CI)"
+            f"95% CI [{row['rho_lo']:.2f}, {row['rho_hi']:.2f}]" if np.isfinite(row["rho_lo"]) else "(too few configurations for a CI)"
         )
-        ax.set_title(
-            f"{row['block']} {row['score']}\nrho={row['rho']:.2f} {interval} {row['n_configurations']} configurations", fontsize=8
-        )
+        ax.set_title(f"{row['block']} {row['score']}\nrank correlation rho={row['rho']:.2f} {interval}", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -133,36 +145,70 @@ def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# Norm-share legend: every configuration up to this many, else the best and worst ENDS.
+NORM_SHARE_LEGEND_MAX = 10
+NORM_SHARE_LEGEND_ENDS = 5
+NORM_SHARE_LINE_STYLES = ("-", "--", ":", "-.")
+NORM_SHARE_MARKERS_UP_TO = 15  # logged epochs per line
+
+
 def norm_share_figure(histories: list[tuple[str, float, dict[str, list[tuple[int, float]]]]], path: Path) -> Path | None:
     """Per l, the logged share of the validation embeddings' squared norm by epoch, one line per trial.
 
-    ``histories``: (label, test MAE, metric history) per trial; lines coloured by test MAE.
+    ``histories``: (configuration label, test MAE, metric history) per trial. The seeds of one
+    configuration share a colour and line style; configurations are ranked by their mean test MAE
+    (colour from dark, the best, to light, the worst) and the legend names each with that mean.
     """
     orders = sorted(
         {int(name.removeprefix("norm_share_l")) for _, _, history in histories for name in history if name.startswith("norm_share_l")}
     )
     if not orders:
         return None
-    errors = np.asarray([mae for _, mae, _ in histories], dtype=float)
-    norm = matplotlib.colors.Normalize(vmin=np.nanmin(errors), vmax=max(np.nanmax(errors), np.nanmin(errors) + 1e-9))
+    maes: dict[str, list[float]] = {}
+    for label, mae, _ in histories:
+        maes.setdefault(label, []).append(mae)
+    means = {label: float(np.nanmean(values)) if np.isfinite(values).any() else math.nan for label, values in maes.items()}
+    # Best first; a configuration without a test MAE last.
+    ranked = sorted(means, key=lambda label: (not math.isfinite(means[label]), means[label], label))
     cmap = matplotlib.colormaps["viridis"]
+    styles = {
+        # Up to 0.9 of viridis: its last tenth is too pale on white. Line styles cycle so that
+        # neighbours in rank, close in colour, still differ.
+        label: {"color": cmap(0.9 * rank / max(len(ranked) - 1, 1)), "linestyle": NORM_SHARE_LINE_STYLES[rank % len(NORM_SHARE_LINE_STYLES)]}
+        for rank, label in enumerate(ranked)
+    }
     cols = min(3, len(orders))
     rows = math.ceil(len(orders) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols + 1, 3.2 * rows), squeeze=False, layout="constrained")
+    # The extra width is for the legend outside the panels.
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols + 2.5, 3.2 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[len(orders):]:
         ax.axis("off")
     for ax, l in zip(axes.flat, orders):
-        for _, mae, history in histories:
+        for label, _, history in histories:
             points = history.get(f"norm_share_l{l}")
             if points:
                 epochs, values = zip(*points)
-                ax.plot(epochs, values, color=cmap(norm(mae)), marker="o", markersize=2, linewidth=1)
+                # Markers show a sparse log's points (a single one has no line); on a dense one
+                # they turn the dashed and dotted styles into noise.
+                marker = "o" if len(points) <= NORM_SHARE_MARKERS_UP_TO else None
+                ax.plot(epochs, values, marker=marker, markersize=2, linewidth=1, **styles[label])
         ax.set_title(f"l = {l}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("share of squared norm", fontsize=8)
         # One scale for every panel, the whole range of a share: a 1-3% share must look small.
         ax.set_ylim(0.0, 1.0)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), label="test MAE (meV)")
+    # A long legend would run off the figure: past the limit, only the best and worst few are
+    # named; the others are drawn, and their colours place them between.
+    if len(ranked) > NORM_SHARE_LEGEND_MAX:
+        shown = ranked[:NORM_SHARE_LEGEND_ENDS] + ranked[-NORM_SHARE_LEGEND_ENDS:]
+        title = (f"configuration: mean test MAE\n{NORM_SHARE_LEGEND_ENDS} best and {NORM_SHARE_LEGEND_ENDS} worst of "
+                 f"{len(ranked)};\nthe other {len(ranked) - len(shown)} lie between")
+    else:
+        shown = ranked
+        title = "configuration: mean test MAE"
+    handles = [matplotlib.lines.Line2D([], [], linewidth=1.5, **styles[label]) for label in shown]
+    fig.legend(handles, [f"{label}: {means[label]:.1f} meV" for label in shown], loc="outside right upper",
+               fontsize=7, title=title, title_fontsize=7, alignment="left")
     return _save(fig, path)
 
 

@@ -20,6 +20,7 @@ img { max-width: 100%; } .note { font-size: 0.85em; color: #555; }
 .warning { border: 2px solid #c62828; background: #fdecea; padding: 0.5em 1em; margin: 1em 0; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 0.9em; }
 dt { font-weight: 600; }
+ul.findings { font-size: 1em; line-height: 1.5; } p.caption { font-weight: 600; font-size: 0.85em; margin: 1em 0 0.2em; }
 """
 
 
@@ -44,8 +45,10 @@ def write_report(
     sections: list[tuple[str, str, list[tuple[str, pd.DataFrame]], list[tuple[Path, str]]]],
     warnings: list[str] | None = None,
 ) -> Path:
-    """``sections``: (heading, explanatory note, [(table id, table)], [(png, caption)]) each.
-    ``warnings``: sentences shown in a box above the sections (what limits every result below)."""
+    """``sections``: (heading, explanatory note, [(table id, table) or (table id, table, caption)],
+    [(png, caption)]) each, optionally with a fifth element: sentences shown as a list before the
+    note (the findings). ``warnings``: sentences shown in a box above the sections (what limits
+    every result below)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -55,11 +58,15 @@ def write_report(
     ]
     if warnings:
         parts.append('<div class="warning" id="warnings">' + "".join(f"<p>{html.escape(w)}</p>" for w in warnings) + "</div>")
-    for heading, note, tables, figures in sections:
+    for heading, note, tables, figures, *points in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if points and points[0]:
+            parts.append('<ul class="findings">' + "".join(f"<li>{html.escape(p)}</li>" for p in points[0]) + "</ul>")
         if note:
             parts.append(f'<p class="note">{html.escape(note)}</p>')
-        for table_id, frame in tables:
+        for table_id, frame, *caption in tables:
+            if caption:
+                parts.append(f'<p class="caption">{html.escape(caption[0])}</p>')
             parts.append(_table(frame, table_id))
         for png, caption in figures:
             parts.append(_figure(png, caption))

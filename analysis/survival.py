@@ -22,7 +22,8 @@ from study import tracking
 from study.tracking import PARENT_TAG, STATUS_TAG
 
 COMPLETED = "completed"
-RUN_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "baseline_val_mae_meV", "num_params")
+# val_mae_meV: the last validation MAE a run logged, which early-stopped runs have too.
+RUN_METRICS = ("test_mae_meV", "best_val_mae_meV", "val_mae_meV", "baseline_test_mae_meV", "baseline_val_mae_meV", "num_params")
 EARLY_STOPPING_SCHEDULERS = ("asha",)
 
 

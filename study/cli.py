@@ -287,6 +287,9 @@ def sweep(
     storage: Annotated[Path, typer.Option(help="Folder for Ray Tune's experiment state and checkpoints.")] = Path("ray_results"),
     resume: Annotated[bool, typer.Option(help="Continue the latest unfinished sweep of this space in --storage.")] = False,
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray (no --address); default: all.")] = None,
+    optuna_storage: Annotated[Optional[str], typer.Option(
+        help="Optuna RDB URL for the study's Optuna trials, e.g. one database a cluster shares "
+        "(default: sqlite optuna.db in the sweep's folder).")] = None,
     force: ForceOption = False,
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
@@ -298,6 +301,10 @@ def sweep(
     space = load_search_space(space_path)
     writable_folder(storage, "--storage")
     _cache_folder(cache_dir)
+    if optuna_storage is not None:
+        from study.sweep import check_optuna_storage
+
+        check_optuna_storage(space, resume, optuna_storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
     tensors = _load_tensors(cache_dir)
@@ -319,6 +326,7 @@ def sweep(
         outcome = run_sweep(
             space, tensors, uri, experiment or space.name, storage,
             address=address, resume=resume, show_progress=True, log=lambda message: log.print(message), verbose=_verbose,
+            optuna_storage=optuna_storage,
         )
     report = outcome.to_dict()
     if as_json:
@@ -342,6 +350,8 @@ def sweep(
             f"best by validation: l_values={best['l_values']} seed={best['seed']} val MAE {best['best_val_mae_meV']:.1f} meV, "
             f"test MAE {best['test_mae_meV']:.1f} meV{versus} (run {best['mlflow_run_id']})"
         )
+    if outcome.optuna_storage:
+        typer.echo(f"optuna study {outcome.optuna_study!r}: optuna-dashboard {redact(outcome.optuna_storage)}")
     typer.echo(f"next: irrep-study best --experiment {outcome.experiment}" + (f" --tracking-uri {redact(uri)}" if tracking_uri else ""))
 
 
@@ -392,9 +402,16 @@ def best(
         typer.Option(help="Write the winning configuration's trial config YAML here (the seed of its best run); "
                           "irrep-study train FILE retrains it."),
     ] = None,
+    register: Annotated[
+        Optional[str],
+        typer.Option(metavar="NAME",
+                     help="Register the MLflow model of the winning configuration's best run (chosen on validation) "
+                          "in the MLflow Model Registry under NAME; prints the name and version."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Rank a study's configurations from MLflow by their mean over seeds; --export writes the winner's config."""
+    """Rank a study's configurations from MLflow by their mean over seeds; --export writes the winner's config,
+    --register registers its best run's model."""
     from study import tracking
     from study.best import describe, export_config, rank_configurations, statuses_text
 
@@ -402,6 +419,11 @@ def best(
         raise UserError(f"--top: must be positive, got {top}")
     if export is not None:
         writable_file(export, "--export")
+    if register is not None and not register.strip():
+        raise UserError("--register: give the registered model's name")
+    if register is not None and "test" in metric:
+        # Selection uses validation metrics (DESIGN.md): a model chosen on the test set is not registered.
+        raise UserError(f"--register: the registered model is chosen on validation; drop --by {metric}")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     ranking = rank_configurations(uri, experiment, metric, top, where, parent)
     configurations, left_out = ranking["configurations"], ranking["left_out"]["note"]
@@ -417,6 +439,19 @@ def best(
         export_config(run, export, comment=why)
         log.print(f"wrote the config of {winner['configuration']} with seed {run['seed']} (run {run['run_id']}) to {export}: "
                   f"irrep-study train {export}")
+    registered = None
+    if register is not None:
+        from study.mlflow_model import MODEL_ARTIFACT, register_run_model
+
+        if not configurations:
+            raise UserError(f"--register: experiment {experiment!r} has no trial with {metric}")
+        winner = configurations[0]
+        run = winner["best_run"]
+        version = register_run_model(uri, run["run_id"], register)
+        registered = {"name": register, "version": version, "run_id": run["run_id"],
+                      "source": f"runs:/{run['run_id']}/{MODEL_ARTIFACT}", "model_uri": f"models:/{register}/{version}"}
+        log.print(f"registered the model of {winner['configuration']} with seed {run['seed']} (run {run['run_id']}) "
+                  f"as {register} version {version}: mlflow.pytorch.load_model('models:/{register}/{version}')")
     if as_json:
         # stdout holds the document: the ranking's one-line notes go to stderr.
         log.print(chosen_by)
@@ -424,7 +459,8 @@ def best(
             log.print(left_out)
         _emit_json({"experiment": experiment, "parent_run_id": parent, "metric": metric, "ranked_by": chosen_by,
                     "trial_runs": ranking["runs"], "total_configurations": ranking["total_configurations"],
-                    "left_out": ranking["left_out"], "configurations": configurations})
+                    "left_out": ranking["left_out"], "configurations": configurations,
+                    **({"registered": registered} if registered else {})})
         return
     from rich.table import Table
 

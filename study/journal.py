@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Callable
 
 from study import tracking
 from study.errors import UserError
+from study.mlflow_model import MODEL_ARTIFACT, save_trial_model
 from study.paths import atomic_write
 from study.space import SearchSpace
 from study.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_ARTIFACTS, TRIAL_ID_TAG
@@ -40,11 +42,14 @@ class SweepRecord:
     experiment: str
     experiment_id: str
     parent_run_id: str
+    optuna_storage: str | None = None  # the Optuna study's RDB URL (password redacted); None for a grid
+    optuna_study: str | None = None  # its study name there
 
     @classmethod
     def from_state(cls, folder: Path, state: dict) -> SweepRecord:
         """The record of the sweep in `folder`, from its state file's contents."""
-        return cls(Path(folder), state["experiment"], state["experiment_id"], state["parent_run_id"])
+        return cls(Path(folder), state["experiment"], state["experiment_id"], state["parent_run_id"],
+                   state.get("optuna_storage"), state.get("optuna_study"))
 
 
 def write_state(record: SweepRecord, space: SearchSpace, tracking_uri: str, finished: bool) -> None:
@@ -55,6 +60,8 @@ def write_state(record: SweepRecord, space: SearchSpace, tracking_uri: str, fini
         "experiment_id": record.experiment_id,
         "parent_run_id": record.parent_run_id,
         "tracking_uri": tracking.redact(tracking_uri),  # never a password in a file
+        "optuna_storage": record.optuna_storage and tracking.redact(record.optuna_storage),
+        "optuna_study": record.optuna_study,
         "finished": finished,
     }
     text = json.dumps(state, indent=2)
@@ -122,11 +129,25 @@ class TrialRun:
 
     def log_final(self, metrics: dict[str, float], out_dir: Path) -> None:
         files = [str(out_dir / name) for name in TRIAL_ARTIFACTS if (out_dir / name).exists()]
+        model = self._build_model(out_dir)
         if self.spool is not None:
             # The trial's folder is deleted after the trial: keep copies the journal can point to.
             files = self.spool.keep_files(files)
+            model = self.spool.keep_files([model])[0] if model else None
         self._apply({"op": "final", "trial_id": self.trial_id, "metrics": metrics, "files": files,
-                     "timestamp": int(time.time() * 1000)})
+                     "model": model, "timestamp": int(time.time() * 1000)})
+
+    def _build_model(self, out_dir: Path) -> str | None:
+        """The trial's MLflow Model folder (study/mlflow_model.py), or None. A failure to build it
+        costs the trial its model, never its metrics and files: it is reported in one line."""
+        try:
+            folder = save_trial_model(out_dir)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(f"trial {self.trial_id}: its MLflow model was not built ({type(exc).__name__}: {first}); "
+                  "the trial is logged without it", file=sys.stderr)
+            return None
+        return str(folder) if folder is not None else None
 
     def finish(self, status: str, reason: str | None = None) -> None:
         self._apply({"op": "finish", "trial_id": self.trial_id, "status": status, "reason": reason})
@@ -183,6 +204,9 @@ class Replayer:
                 mlflow_client.log_batch(run_id, metrics=metrics)
             for path in operation["files"]:
                 mlflow_client.log_artifact(run_id, path)  # same name: overwritten, not duplicated
+            if operation.get("model"):  # absent from journals written before trials logged models
+                # Every file of the folder under `model/`, each overwritten by a replay like the files above.
+                mlflow_client.log_artifacts(run_id, operation["model"], artifact_path=MODEL_ARTIFACT)
         elif kind == "finish":
             tracking.finish_run(mlflow_client, self._run_id(operation), operation["status"], operation.get("reason"))
         else:
@@ -246,7 +270,11 @@ class Spool:
         kept = []
         for name in files:
             target = folder / Path(name).name
-            shutil.copy(name, target)
+            if Path(name).is_dir():  # the trial's MLflow Model folder
+                shutil.rmtree(target, ignore_errors=True)  # a retried trial's copy: replaced whole
+                shutil.copytree(name, target)
+            else:
+                shutil.copy(name, target)
             kept.append(str(target))
         return kept
 

@@ -18,6 +18,9 @@ A search space names the study, gives the base trial config, and says what varie
         weight_decay: {uniform: [0.0, 0.1]}
       grid:                          # grid: explicit configurations (trial overrides)
         - {l_values: [0, 1, 2], hidden_dim: 32}
+      objectives:                    # optuna: what it minimises (default: val_mae_meV alone);
+        - {metric: val_mae_meV}      # val_mae_meV first, then num_params and/or epoch_seconds
+        - {metric: num_params}       # make it multi-objective (a Pareto front)
     seeds: [21616, 1, 2]             # every configuration repeated once per seed
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}   # or {type: none}
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: 2, max_failures: 2}
@@ -97,6 +100,14 @@ class Dimension(_Strict):
         return values
 
 
+# What a search may minimise: the validation MAE always comes first (ASHA stops on it, the
+# searcher is told it); a second or third objective makes the search multi-objective (Optuna's
+# Pareto front): the model's size, or the wall time of one training epoch.
+class Objective(_Strict):
+    metric: Literal["val_mae_meV", "num_params", "epoch_seconds"]
+    mode: Literal["min"] = "min"
+
+
 class Search(_Strict):
     method: Literal["optuna", "grid"] = "optuna"
     sampler: Literal["tpe", "random", "cmaes"] = "tpe"
@@ -104,9 +115,27 @@ class Search(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     params: dict[str, Dimension] = Field(default_factory=dict)
     grid: list[dict[str, Any]] = Field(default_factory=list)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="val_mae_meV")],
+        description="what Optuna minimises; val_mae_meV first, then optionally num_params and/or epoch_seconds",
+    )
+
+    @property
+    def objective_metrics(self) -> list[str]:
+        return [objective.metric for objective in self.objectives]
 
     @model_validator(mode="after")
     def _method_has_its_space(self) -> "Search":
+        metrics = self.objective_metrics
+        if not metrics or metrics[0] != "val_mae_meV":
+            raise ValueError("objectives: the first objective must be val_mae_meV (early stopping and ranking use it)")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"objectives: a metric is named twice: {metrics}")
+        if len(metrics) > 1 and self.method == "grid":
+            raise ValueError("objectives: only read with method: optuna (a grid trains every configuration; "
+                             "the report draws the Pareto front of any sweep)")
+        if len(metrics) > 1 and self.sampler == "cmaes":
+            raise ValueError("objectives: sampler cmaes optimises one objective; use tpe or random")
         if self.method == "optuna" and not self.params:
             raise ValueError("optuna search needs at least one dimension under search.params")
         if self.method == "grid" and not self.grid:
@@ -182,6 +211,7 @@ class SearchSpace(_Strict):
             "search_seed": str(self.search.seed),
             "seeds": ",".join(str(s) for s in self.seed_list),
             "scheduler": self.scheduler.type,
+            "objectives": ",".join(self.search.objective_metrics),
             "total_trials": str(self.total_trials),
         }
 

@@ -34,9 +34,11 @@ from study.journal import SWEEP_FILE, SweepRecord, finish_from_driver, finish_tr
 from study.data import QM9Tensors
 from study.errors import UserError
 from study.reference import TargetReference
+from study.resources import num_params
 from study.space import OptunaSpace, SearchSpace, trial_overrides
 
 METRIC = "val_mae_meV"
+OPTUNA_FILE = "optuna.db"  # the Optuna study of an optuna sweep, in its folder (unless --optuna-storage)
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,22 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
     if fallback is not None:
         placement["device_warning"] = fallback
     run.log_params({**config.flat_params(), **placement})
-    identity = {"l_values": l_text, "hidden_dim": config.hidden_dim, "seed": seed, "mlflow_run_id": run.run_id}
+    # num_params travels with every report: a multi-objective searcher needs it for every proposal,
+    # early-stopped ones included.
+    identity = {"l_values": l_text, "hidden_dim": config.hidden_dim, "seed": seed, "mlflow_run_id": run.run_id,
+                "num_params": float(num_params(config))}
 
     work = Path(tempfile.mkdtemp(prefix=f"irrep-study-{trial_id}-"))
     resumed = _restore_checkpoint(tune.get_checkpoint(), work, trial_id)
     last_epoch = {}
+    clock = {"since": time.perf_counter()}
 
     def on_epoch(metrics) -> None:
         run.log_epoch(metrics.epoch, metrics.tracked())
-        last_epoch.update(epoch=metrics.epoch, **metrics.tracked())
+        now = time.perf_counter()
+        # Wall time of the epoch in this process (training and validation), the `epoch_seconds` objective.
+        last_epoch.update(epoch=metrics.epoch, epoch_seconds=now - clock["since"], **metrics.tracked())
+        clock["since"] = now
         if metrics.epoch < config.epochs:  # the last epoch is reported with the test result below
             report = {**identity, **last_epoch, "trial_status": "running"}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(work)))
@@ -99,7 +108,8 @@ def run_sweep_trial(params: dict[str, Any], tensors: QM9Tensors, context: SweepC
             reason = f"{result.reason} at epoch {result.diverged_epoch}"
             run.finish("diverged", reason)
             # The searcher is told with the worst value, so it steers away from here.
-            tune.report({**identity, "epoch": result.diverged_epoch, METRIC: math.inf, "trial_status": "diverged"})
+            tune.report({**identity, "epoch": result.diverged_epoch, METRIC: math.inf, "trial_status": "diverged",
+                         "epoch_seconds": last_epoch.get("epoch_seconds", math.inf)})
             return
         final = {metric: getattr(result, metric) for metric in tracking.FINAL_METRICS}
         run.log_params(TargetReference.from_dict(result.reference).flat_params())
@@ -132,74 +142,293 @@ def _restore_checkpoint(checkpoint, work: Path, trial_id: str) -> bool:
 
 
 class TrackTrialEnds(Callback):
-    """Statuses only the driver sees: stopped by ASHA, or failed for good after retries."""
+    """Statuses only the driver sees: stopped by ASHA, or failed for good after retries; and on the
+    sweep's parent run, each time a trial completes, the best trial so far."""
 
-    def __init__(self, tracking_uri: str, spool_dir: str):
+    # A class default: the callback of a sweep started before the parent run id was passed comes
+    # back from Ray's saved state (`--resume`) without the attribute, and then logs no best-so-far.
+    parent_run_id: str | None = None
+
+    def __init__(self, tracking_uri: str, spool_dir: str, parent_run_id: str | None = None):
         self.tracking_uri = tracking_uri
         self.spool_dir = spool_dir
+        self.parent_run_id = parent_run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if result.get("trial_status") == "running":
             reason = f"stopped by the scheduler after epoch {result.get('epoch')}"
             finish_from_driver(self.tracking_uri, self.spool_dir, trial.trial_id, result.get("mlflow_run_id"), "stopped_early", reason)
+        elif result.get("trial_status") == "completed" and self.parent_run_id:
+            self.log_best_so_far(trials, trial)
+
+    def log_best_so_far(self, trials, trial) -> None:
+        progress = best_so_far(trials, trial)
+        if progress is None:
+            return
+        step, metrics = progress
+        try:
+            tracking.log_best_so_far(self.tracking_uri, self.parent_run_id, step, metrics)
+        except Exception as exc:
+            # Skipped, not journaled: the next completed trial logs the best over all completed
+            # trials again, so a lost point leaves a gap in the chart, not a wrong value; the
+            # trials' own runs (journaled) keep every number this is computed from.
+            print(f"sweep parent run: best-so-far metrics after {step} completed trials not logged "
+                  f"({type(exc).__name__}); the tracking server did not take them", file=sys.stderr)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = (trial.last_result or {}).get("mlflow_run_id")
         finish_from_driver(self.tracking_uri, self.spool_dir, trial.trial_id, run_id, "failed", _error_line(trial))
 
 
-class ProgressTable(Callback):
-    """A table of every trial (l values, seed, epoch, validation MAE, status) on stderr, every few seconds."""
+class SweepStatus(Callback):
+    """One live status of the sweep on stderr: trials done of the total, how many run, the best
+    validation MAE so far with the configuration that holds it, an ETA, and the live trials with
+    the searched parameters as columns.
 
-    def __init__(self, every_seconds: float = 10.0, quiet_seconds: float = 120.0):
-        self.every_seconds = every_seconds  # at most this often
-        self.quiet_seconds = quiet_seconds  # and when nothing changed, only this often
-        self.last = 0.0
-        self.last_rows: list[dict] = []
+    On a terminal it is redrawn in place (rich's Live, at most about once a second) and its final
+    state stays on screen. Elsewhere (logs, CI, nohup) it prints a compact block when something
+    changed, at most every `every_seconds`, a heartbeat every `quiet_seconds` when nothing did,
+    and the final state at the end.
+
+    Ray pickles the callbacks with the run config (and `--resume` unpickles them): the console and
+    the Live display are created at the first step and left out of the pickled state."""
+
+    def __init__(self, space: SearchSpace, every_seconds: float = 10.0, quiet_seconds: float = 120.0,
+                 live_seconds: float = 1.0, clock: Callable[[], float] = time.monotonic, terminal: bool | None = None):
+        # Plain values rather than the space itself: what the status needs, small to pickle.
+        self.name = space.name
+        self.total = space.total_trials
+        if space.search.method == "grid":
+            self.params = list(dict.fromkeys(key for entry in space.search.grid for key in entry))
+        else:
+            self.params = list(space.search.params)
+        self.seeds = list(space.seed_list)
+        self.grid = space.search.method == "grid"
+        # A grid entry without one of the columns' keys trains with the base trial's value.
+        base = space.base
+        self.defaults = {name: getattr(base, name, None) for name in self.params} if self.grid else {}
+        self.every_seconds = every_seconds  # not a terminal: at most this often
+        self.quiet_seconds = quiet_seconds  # not a terminal, nothing changed: only this often
+        self.live_seconds = live_seconds  # a terminal: redrawn at most this often
+        self.clock = clock
+        self.terminal = terminal  # None: whether stderr is a terminal, seen at the first step
+        self._reset()
+
+    def _reset(self) -> None:
+        self._console = None
+        self._live = None
+        self._started: float | None = None  # clock at the first step of this driver
+        self._epochs_at_start = 0  # epochs trained before it (a resumed sweep's restored trials)
+        self._last_shown = -math.inf
+        self._last_key: tuple | None = None
+        self._best_val: dict[str, float] = {}  # trial id -> lowest validation MAE it reported
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_console", "_live", "_started", "_epochs_at_start", "_last_shown", "_last_key", "_best_val"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # -------------------------------------------------------------- what is shown
+
+    def param_values(self, trial) -> dict[str, str]:
+        config = trial.config or {}
+        source = {**self.defaults, **config.get("grid_entry", {})} if self.grid else config
+        return {name: _shown(source.get(name)) for name in self.params}
+
+    def seed(self, trial) -> Any:
+        result = trial.last_result or {}
+        if "seed" in result:
+            return result["seed"]
+        index = (trial.config or {}).get("__trial_index__", 0)  # as run_sweep_trial maps it
+        return self.seeds[index] if 0 <= index < len(self.seeds) else "-"
+
+    def lowest_val(self, trial) -> float | None:
+        """The trial's lowest validation MAE reported so far (never its test MAE)."""
+        result = trial.last_result or {}
+        values = [self._best_val.get(trial.trial_id), result.get(METRIC), result.get("best_val_mae_meV")]
+        finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        return min(finite) if finite else None
 
     @staticmethod
-    def rows(trials) -> list[dict]:
-        rows = []
-        for trial in trials:
-            result = trial.last_result or {}
-            status = trial.status.lower()
-            if trial.status == "TERMINATED":
-                status = {"running": "stopped_early"}.get(result.get("trial_status"), result.get("trial_status", "done"))
-            rows.append({
-                "trial": trial.trial_id,
-                "l_values": result.get("l_values") or (trial.config or {}).get("l_values", ""),
-                "seed": result.get("seed", ""),
-                "epoch": result.get("epoch", 0),
-                METRIC: result.get(METRIC),
-                "status": status,
-            })
-        return rows
+    def status(trial) -> str:
+        if trial.status == "TERMINATED":
+            ended = (trial.last_result or {}).get("trial_status")
+            # A trial the scheduler stopped last reported itself as running.
+            return {"running": "stopped_early", None: "done"}.get(ended, ended)
+        return "failed" if trial.status == "ERROR" else trial.status.lower()
 
-    def render(self, trials) -> None:
-        from rich.console import Console
+    def snapshot(self, trials, now: float) -> dict:
+        """Everything the status shows, from Tune's trials at clock time `now`."""
+        trials = list(trials)
+        epochs = {t.trial_id: int((t.last_result or {}).get("epoch") or 0) for t in trials}
+        if self._started is None:
+            self._started, self._epochs_at_start = now, sum(epochs.values())
+        finished = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        ended: dict[str, int] = {}
+        for trial in finished:
+            ended[self.status(trial)] = ended.get(self.status(trial), 0) + 1
+        live = [t for t in trials if t.status in ("RUNNING", "PAUSED")]
+        rated = [(value, t) for t in trials if (value := self.lowest_val(t)) is not None]
+        best = None
+        if rated:
+            value, trial = min(rated, key=lambda pair: pair[0])
+            best = {"value": value, "trial": trial.trial_id, "params": self.param_values(trial), "seed": self.seed(trial)}
+        return {
+            "done": len(finished),
+            "total": max(self.total, len(trials)),
+            "ended": ended,
+            "running": sum(t.status == "RUNNING" for t in trials),
+            "paused": sum(t.status == "PAUSED" for t in trials),
+            "best": best,
+            "eta": self.eta(trials, finished, epochs, now),
+            "elapsed": now - self._started,
+            "live": [{
+                "trial": t.trial_id, **self.param_values(t), "seed": self.seed(t), "epoch": epochs[t.trial_id],
+                "val": (t.last_result or {}).get(METRIC), "status": self.status(t),
+            } for t in live],
+        }
+
+    def eta(self, trials, finished, epochs: dict[str, int], now: float) -> float | None:
+        """Seconds left at the throughput so far (trial-epochs trained per second by this driver),
+        each unfinished trial expected to train as many epochs as the finished ones did on average
+        (with ASHA that counts the trials it stopped early). None until a trial finished."""
+        elapsed = now - self._started
+        trained = sum(epochs.values()) - self._epochs_at_start
+        if not finished or elapsed <= 0 or trained <= 0:
+            return None
+        expected = sum(epochs[t.trial_id] for t in finished) / len(finished)
+        unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        left = sum(max(expected - epochs[t.trial_id], 0.0) for t in unfinished)
+        left += max(self.total - len(trials), 0) * expected  # trials the searcher has not proposed yet
+        return left / (trained / elapsed)
+
+    def renderable(self, snap: dict):
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"trials ({datetime.now():%H:%M:%S})", title_justify="left")
-        for column in ("trial", "l_values", "seed", "epoch", "val MAE (meV)", "status"):
-            table.add_column(column)
-        for row in self.rows(trials):
-            value = row[METRIC]
-            shown = f"{value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
-            table.add_row(row["trial"], str(row["l_values"]), str(row["seed"]), str(row["epoch"]), shown, row["status"])
-        Console(stderr=True, width=100).print(table)
+        ended = ", ".join(f"{n} {status}" for status, n in sorted(snap["ended"].items()))
+        head = f"{self.name} {datetime.now():%H:%M:%S}: {snap['done']}/{snap['total']} trials done"
+        head += f" ({ended})" if ended else ""
+        head += f" | {snap['running']} running" + (f", {snap['paused']} paused" if snap["paused"] else "")
+        head += f" | {_duration(snap['elapsed'])} elapsed, ETA {_duration(snap['eta'])}"
+        best = snap["best"]
+        if best is None:
+            best_line = "best val MAE: -"
+        else:
+            params = " ".join(f"{name}={value}" for name, value in best["params"].items())
+            best_line = f"best val MAE: {best['value']:.1f} meV  {params} seed={best['seed']} (trial {best['trial']})"
+        parts: list[Any] = [Text(head), Text(best_line)]
+        if snap["live"]:
+            table = Table(box=None, padding=(0, 1), show_edge=False)
+            for column in ("trial", *self.params, "seed", "epoch", "val MAE (meV)", "status"):
+                table.add_column(column)
+            for row in snap["live"]:
+                table.add_row(row["trial"], *(row[name] for name in self.params), str(row["seed"]), str(row["epoch"]),
+                              _shown_mae(row["val"]), row["status"])
+            parts.append(table)
+        return Group(*parts)
+
+    # -------------------------------------------------------------- Tune's hooks
+
+    def _show(self, trials, final: bool = False) -> None:
+        from rich.console import Console
+
+        if self._console is None:
+            self._console = Console(stderr=True)
+            if self.terminal is None:
+                self.terminal = self._console.is_terminal
+            if not self.terminal:
+                self._console.width = 120  # a log has no width; rich would fold the table at 80
+        now = self.clock()
+        snap = self.snapshot(trials, now)
+        if self.terminal:
+            if self._live is None:
+                from rich.live import Live
+
+                self._live = Live(console=self._console, auto_refresh=False, transient=False)
+                self._live.start()
+            if final or now - self._last_shown >= self.live_seconds:
+                self._last_shown = now
+                self._live.update(self.renderable(snap), refresh=True)
+            if final:
+                self._live.stop()  # not transient: the final state stays on screen
+                self._live = None
+            return
+        since = now - self._last_shown
+        if not final and since < self.every_seconds:
+            return
+        # What counts as a change: the trials' states and the best, not the clock or the ETA.
+        key = (snap["done"], tuple(sorted(snap["ended"].items())), snap["running"], snap["paused"],
+               snap["best"] and snap["best"]["value"], tuple(tuple(row.items()) for row in snap["live"]))
+        if final or key != self._last_key or since >= self.quiet_seconds:
+            self._last_shown, self._last_key = now, key
+            self._console.print(self.renderable(snap))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(METRIC)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self._best_val[trial.trial_id] = min(value, self._best_val.get(trial.trial_id, math.inf))
 
     def on_step_end(self, iteration, trials, **info):
-        since = time.monotonic() - self.last
-        if since < self.every_seconds:
-            return
-        rows = self.rows(trials)
-        if rows != self.last_rows or since > self.quiet_seconds:
-            self.last, self.last_rows = time.monotonic(), rows
-            self.render(trials)
+        self._show(trials)
 
     def on_experiment_end(self, trials, **info):
-        self.render(trials)
+        self._show(trials, final=True)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _shown_mae(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def best_so_far(trials, completing) -> tuple[int, dict[str, float]] | None:
+    """(trials completed, the parent run's metrics) once `completing` has completed: the lowest best
+    validation MAE over completed trials and that trial's test MAE (chosen on validation, never on
+    test). Counted from Tune's trial states, which `--resume` restores, so a resumed sweep goes on
+    from its count. At `on_trial_complete` the trial is still RUNNING for Tune, so it is counted
+    by identity. None when no completed trial has a finite validation MAE."""
+    def completed(candidate) -> bool:
+        return candidate.status == "TERMINATED" and (candidate.last_result or {}).get("trial_status") == "completed"
+
+    done = [t for t in trials if t is completing or completed(t)]
+    if not any(t is completing for t in done):
+        done.append(completing)
+    measured = [t for t in done if _finite((t.last_result or {}).get("best_val_mae_meV")) is not None]
+    if not measured:
+        return None
+    best = min(measured, key=lambda t: t.last_result["best_val_mae_meV"]).last_result
+    metrics = {"best_val_mae_meV": float(best["best_val_mae_meV"]), "trials_finished": float(len(done))}
+    test = _finite(best.get("test_mae_meV"))
+    if test is not None:
+        metrics["best_trial_test_mae_meV"] = test
+    return len(done), metrics
 
 
 def _error_line(trial) -> str:
@@ -216,42 +445,55 @@ def _error_line(trial) -> str:
 
 class SeedRepeater(Repeater):
     """Ray's Repeater (one searcher proposal trained once per seed, the searcher told the mean over
-    seeds), telling the searcher each seed's value at the epoch where the seed ended.
+    seeds), telling the searcher each seed's values at the epoch where the seed ended.
 
     Tune gives `on_trial_complete` no result for a trial stopped while paused (SeedAwareASHA stops
     the paused seeds of a configuration together with the one whose result decided it); Repeater
     would count such a seed as NaN and average the others alone. The last result each seed
     reported is remembered instead. A seed that failed for good counts as missing; the proposal is
-    a failure for the searcher only when all its seeds failed."""
+    a failure for the searcher only when all its seeds failed. With several objectives (a list of
+    metrics), each is averaged over the same seeds."""
 
     def __init__(self, searcher, repeat: int = 1, set_index: bool = True):
         super().__init__(searcher, repeat=repeat, set_index=set_index)
-        self._last_values: dict[str, float] = {}  # trial id -> metric of its last result
+        self._last_values: dict[str, tuple] = {}  # trial id -> its last result's objective values
+        self._ended: dict[str, dict[str, tuple | None]] = {}  # proposal -> seed trial -> its values (None: missing)
+
+    @property
+    def _metrics(self) -> list[str]:
+        metric = self.searcher.metric
+        return list(metric) if isinstance(metric, (list, tuple)) else [metric]
+
+    def _read(self, result: dict | None) -> tuple | None:
+        if not result or any(metric not in result for metric in self._metrics):
+            return None
+        return tuple(float(result[metric]) for metric in self._metrics)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.searcher.metric in result:
-            self._last_values[trial_id] = result[self.searcher.metric]
+        values = self._read(result)
+        if values is not None:
+            self._last_values[trial_id] = values
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs) -> None:
         group = self._trial_id_to_group.get(trial_id)
         last = self._last_values.pop(trial_id, None)
         if group is None:
             return
-        metric = self.searcher.metric
-        if result and metric in result:
-            value = result[metric]
-        elif not error and last is not None:
-            value = last
-        else:
-            value = math.nan
-        group.report(trial_id, value)
-        if group.finished_reporting():
-            values = [v for v in group.scores() if not math.isnan(v)]
-            if values:
-                mean = math.fsum(values) / len(values) if all(math.isfinite(v) for v in values) else math.inf
-                self.searcher.on_trial_complete(group.primary_trial_id, result={metric: mean})
-            else:
-                self.searcher.on_trial_complete(group.primary_trial_id, result=None, error=True)
+        values = self._read(result) or (None if error else last)
+        ended = self._ended.setdefault(group.primary_trial_id, {})
+        ended[trial_id] = values
+        # Repeater's group keeps one number per seed: the first objective's, NaN for a missing seed.
+        group.report(trial_id, values[0] if values is not None else math.nan)
+        if not group.finished_reporting():
+            return
+        del self._ended[group.primary_trial_id]
+        seeds = [v for v in ended.values() if v is not None and not math.isnan(v[0])]
+        if not seeds:
+            self.searcher.on_trial_complete(group.primary_trial_id, result=None, error=True)
+            return
+        means = [math.fsum(column) / len(column) if all(math.isfinite(v) for v in column) else math.inf
+                 for column in zip(*seeds)]
+        self.searcher.on_trial_complete(group.primary_trial_id, result=dict(zip(self._metrics, means)))
 
 
 class SeedAwareASHA(FIFOScheduler):
@@ -384,7 +626,11 @@ class SeedAwareASHA(FIFOScheduler):
         return f"Seed-aware ASHA at epochs {self._rungs}: {self.groups.summary() if self.groups else ''}"
 
 
-def _searcher_and_space(space: SearchSpace, verbose: bool = False):
+def _searcher_and_space(space: SearchSpace, verbose: bool = False, optuna_storage: str | None = None,
+                        study_name: str = "optuna"):
+    """Ray Tune's searcher, param space and sample count for `space`. An Optuna search keeps its
+    study in `optuna_storage` (an Optuna RDB URL; None: in memory) under `study_name`: one Optuna
+    trial per configuration, told the seeds' mean of each objective."""
     from ray import tune
 
     if space.search.method == "grid":
@@ -409,8 +655,16 @@ def _searcher_and_space(space: SearchSpace, verbose: bool = False):
         "random": lambda: optuna.samplers.RandomSampler(seed=space.search.seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=space.search.seed),
     }
+    metrics = space.search.objective_metrics
     searcher = OptunaSearch(
-        space=OptunaSpace(space.search), metric=METRIC, mode="min", sampler=samplers[space.search.sampler]()
+        space=OptunaSpace(space.search),
+        metric=metrics if len(metrics) > 1 else METRIC,
+        mode=["min"] * len(metrics) if len(metrics) > 1 else "min",
+        sampler=samplers[space.search.sampler](),
+        study_name=study_name,
+        # An RDBStorage pickles without its connection (Ray saves the searcher with the sweep) and
+        # reconnects to the same URL when `--resume` loads it.
+        storage=optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None,
     )
     repeats = len(space.seed_list)
     if repeats > 1:
@@ -509,6 +763,8 @@ class SweepOutcome:
     trials: list[dict]
     unsynced: int = 0  # trial journals the tracking server has not taken yet (see `irrep-study sync`)
     interrupted: bool = False  # stopped by SIGINT: `--resume` continues it
+    optuna_storage: str | None = None  # where the Optuna study is (optuna sweeps)
+    optuna_study: str | None = None
 
     def to_dict(self) -> dict:
         # Chosen on validation, never on test (DESIGN.md): the test MAE is only reported.
@@ -524,6 +780,8 @@ class SweepOutcome:
             "best": best,
             "unsynced_trials": self.unsynced,
             "interrupted": self.interrupted,
+            "optuna_storage": self.optuna_storage and tracking.redact(self.optuna_storage),
+            "optuna_study": self.optuna_study,
         }
 
 
@@ -538,17 +796,23 @@ def run_sweep(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     verbose: bool = False,
+    optuna_storage: str | None = None,
 ) -> SweepOutcome:
     """Run (or with `resume`, continue) the study `space`; every trial ends up in MLflow.
 
     SIGINT (Ctrl-C) stops it cleanly: Ray Tune saves its state and stops the trials, their MLflow
-    runs end as `interrupted` (KILLED) with the reason, and the outcome says `interrupted`."""
+    runs end as `interrupted` (KILLED) with the reason, and the outcome says `interrupted`.
+
+    An Optuna search keeps its study in `optuna_storage` (an Optuna RDB URL, e.g. a database the
+    whole cluster shares), by default in `optuna.db` in the sweep's folder; the study is named
+    after the folder. `--resume` continues the same study (Ray saved the searcher with its URL)."""
     storage = Path(storage).resolve()
     tracking.fail_fast()
+    check_optuna_storage(space, resume, optuna_storage)
     if resume:
         record = _reopen_sweep(storage, space, tracking_uri, log)
     else:
-        record = _new_sweep(storage, space, tracking_uri, experiment, log)
+        record = _new_sweep(storage, space, tracking_uri, experiment, log, optuna_storage)
     tuner = _tuner(space, tensors, tracking_uri, record, resume, show_progress, verbose)
     with _watching_for_interruption() as interruption:
         results = tuner.fit()
@@ -556,7 +820,8 @@ def run_sweep(
     unfinished = _unfinished_trials(record.path) if interruption.happened else set()
     trials = [_trial_row(result, unfinished) for result in results]
     outcome = SweepOutcome(record.path, record.experiment, record.experiment_id, record.parent_run_id,
-                           tracking_uri, trials, interrupted=interruption.happened)
+                           tracking_uri, trials, interrupted=interruption.happened,
+                           optuna_storage=record.optuna_storage, optuna_study=record.optuna_study)
     if outcome.interrupted:
         # The sweep stays unfinished, so that `--resume` finds it.
         outcome.unsynced = _end_interrupted(tracking_uri, record, len(unfinished), log)
@@ -568,7 +833,25 @@ def run_sweep(
     return outcome
 
 
-def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment: str, log: Callable[[str], None]) -> SweepRecord:
+def check_optuna_storage(space: SearchSpace, resume: bool, url: str | None) -> None:
+    """Refuse an `--optuna-storage` that cannot serve, before any run is created."""
+    import optuna
+
+    if url is None:
+        return
+    if resume:
+        raise UserError("--optuna-storage: a resumed sweep keeps the Optuna storage it started with; leave it out")
+    if space.search.method != "optuna":
+        raise UserError(f"--optuna-storage: {space.name!r} is a grid search, which has no Optuna study")
+    try:
+        optuna.storages.RDBStorage(url)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"--optuna-storage {tracking.redact(url)}: Optuna cannot open it ({reason})") from None
+
+
+def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment: str, log: Callable[[str], None],
+               optuna_storage: str | None = None) -> SweepRecord:
     """A new sweep folder and its MLflow parent run (the experiment created if missing)."""
     try:
         experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
@@ -580,16 +863,31 @@ def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment:
         ) from None
     path = _claim_folder(storage, space.name)
     try:
-        parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params())
+        parent_run_id = tracking.start_sweep_run(tracking_uri, experiment_id, path.name, space.summary_params(),
+                                                 space=space.model_dump(mode="json"))
     except Exception as exc:
         path.rmdir()
         raise tracking.TrackingError(
             f"--tracking-uri {tracking.redact(tracking_uri)}: cannot create the sweep's runs ({type(exc).__name__})"
         ) from None
     record = SweepRecord(path, experiment, experiment_id, parent_run_id)
+    if space.search.method == "optuna":
+        # optuna-dashboard and optuna.load_study(study_name=..., storage=...) read it, during the sweep and after.
+        record.optuna_storage = optuna_storage or f"sqlite:///{path / OPTUNA_FILE}"
+        record.optuna_study = path.name
+        _tag_parent(tracking_uri, parent_run_id, {"irrep_study.optuna_storage": tracking.redact(record.optuna_storage),
+                                                  "irrep_study.optuna_study": record.optuna_study})
     write_state(record, space, tracking_uri, finished=False)
     log(f"sweep {path.name}: {space.total_trials} trials; MLflow experiment {experiment!r}, parent run {parent_run_id}")
     return record
+
+
+def _tag_parent(tracking_uri: str, parent_run_id: str, tags: dict[str, str]) -> None:
+    try:
+        for key, value in tags.items():
+            tracking.client(tracking_uri).set_tag(parent_run_id, key, value)
+    except Exception as exc:  # the tags are a convenience: the sweep's state file holds the same
+        print(f"could not tag the parent run ({type(exc).__name__}); {SWEEP_FILE} names the Optuna study", file=sys.stderr)
 
 
 def _claim_folder(storage: Path, name: str) -> Path:
@@ -630,8 +928,8 @@ def _tuner(space: SearchSpace, tensors: QM9Tensors, tracking_uri: str, record: S
     if resume:
         # The run config, callbacks included, comes back from Ray's saved experiment state.
         return tune.Tuner.restore(str(record.path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri, str(spool_dir))] + ([ProgressTable()] if show_progress else [])
-    searcher, param_space, num_samples = _searcher_and_space(space, verbose)
+    callbacks: list[Callback] = [TrackTrialEnds(tracking_uri, str(spool_dir), record.parent_run_id)] + ([SweepStatus(space)] if show_progress else [])
+    searcher, param_space, num_samples = _searcher_and_space(space, verbose, record.optuna_storage, record.optuna_study or "optuna")
     return tune.Tuner(
         trainable,
         param_space=param_space,

@@ -16,12 +16,22 @@ Names other parts rely on (see DESIGN.md):
   `test_mae_meV`, `best_val_mae_meV`, `baseline_val_mae_meV`, `baseline_test_mae_meV` (the
   composition fit on the same split), `num_params`, `train_seconds`;
 - artifacts at the run's root: `config.yaml`, `best_model.pt`, `test_embeddings.npz`
-  (study/embeddings.py), `result.json`.
+  (study/embeddings.py), `result.json`; and the folder `model`, the best weights as an MLflow
+  Model (PyTorch flavour, study/mlflow_model.py) that `irrep-study best --register` registers.
+
+On a sweep's parent run: the search space's summary as params, the validated space as the artifact
+`search_space.yaml`, MLflow's source tags (`mlflow.source.name`, `mlflow.source.type`,
+`mlflow.source.git.commit` when the package runs from its git checkout) with `irrep_study.version`
+and `irrep_study.git_dirty`, and each time a trial completes (step = trials completed so far):
+`best_val_mae_meV` (the lowest over completed trials), `best_trial_test_mae_meV` (that trial's test
+MAE, only reported) and `trials_finished`. An analysis run (role=analysis) is nested under the
+sweep whose trials it analysed, with a few summary metrics; its tables are artifacts.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +46,11 @@ REASON_TAG = "irrep_study.reason"
 TRIAL_ID_TAG = "irrep_study.trial_id"
 ANALYZED_PARENT_TAG = "irrep_study.analyzed_parent"  # on an analysis run: the sweep it analysed
 PARENT_TAG = "mlflow.parentRunId"
+VERSION_TAG = "irrep_study.version"
+GIT_DIRTY_TAG = "irrep_study.git_dirty"  # "true" when the checkout had uncommitted changes to tracked files
+SEARCH_SPACE_ARTIFACT = "search_space.yaml"
+# Metrics of a sweep's parent run, logged by the driver each time a trial completes.
+BEST_SO_FAR_METRICS = ("best_val_mae_meV", "best_trial_test_mae_meV", "trials_finished")
 TRIAL_ARTIFACTS = ("config.yaml", "best_model.pt", "test_embeddings.npz", "result.json")
 FINAL_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_val_mae_meV", "baseline_test_mae_meV", "num_params", "train_seconds")
 # MLflow's REST client retries for minutes by default; a preflight check should answer quickly.
@@ -172,12 +187,78 @@ def check_sweep_run(uri: str, experiment: str, experiment_id: str, run_id: str) 
         raise TrackingError(f"--parent: run {run_id} is not a sweep (its role is {role or 'unset'}); give a sweep's parent run id")
 
 
-def start_sweep_run(uri: str, experiment_id: str, name: str, space_params: dict[str, str]) -> str:
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("irrep-study")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def git_state(root: Path | None = None) -> tuple[str, bool] | None:
+    """(commit, dirty) of the git checkout this package runs from, else None: git is missing, the
+    package is installed from a wheel, or the enclosing repository is another one (a virtual
+    environment inside some other project's checkout). Never raises: a sweep must start anyway."""
+    root = (root or Path(__file__).resolve().parent.parent).resolve()
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):  # no git binary, or one that hangs
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    found = git("rev-parse", "--show-toplevel", "HEAD")  # fails without a commit, or outside a repository
+    lines = found.splitlines() if found else []
+    if len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return lines[1].strip(), bool(changes and changes.strip())
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's standard source tags (what ran, and from which commit) and the package version."""
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL", VERSION_TAG: package_version()}
+    state = git_state()
+    if state is not None:
+        tags["mlflow.source.git.commit"], dirty = state
+        tags[GIT_DIRTY_TAG] = "true" if dirty else "false"
+    return tags
+
+
+def start_sweep_run(uri: str, experiment_id: str, name: str, space_params: dict[str, str], space: dict | None = None,
+                    entry_point: str = "irrep-study sweep") -> str:
+    """The sweep's parent run: tags, the space's summary params and (given `space`, the validated
+    SearchSpace.model_dump) the artifact search_space.yaml. A write that fails after the run exists
+    ends it FAILED and is raised: the sweep does not start."""
+    import yaml
+
     mlflow_client = client(uri)
-    run = mlflow_client.create_run(experiment_id, run_name=name, tags={ROLE_TAG: "sweep"})
-    if space_params:
-        log_params(mlflow_client, run.info.run_id, space_params)
-    return run.info.run_id
+    run = mlflow_client.create_run(experiment_id, run_name=name, tags={ROLE_TAG: "sweep", **source_tags(entry_point)})
+    run_id = run.info.run_id
+    try:
+        if space_params:
+            log_params(mlflow_client, run_id, space_params)
+        if space is not None:
+            mlflow_client.log_text(run_id, yaml.safe_dump(space, sort_keys=False), SEARCH_SPACE_ARTIFACT)
+    except Exception as exc:
+        try:  # so that the runs of the experiment show no sweep that never ran as running
+            finish_run(mlflow_client, run_id, "failed", f"the sweep could not start ({type(exc).__name__})")
+        except Exception:
+            pass
+        raise
+    return run_id
+
+
+def log_best_so_far(uri: str, parent_run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Metrics of a sweep's parent run at `step`, in one attempt (no retries): the driver must not
+    wait on a tracking server that is down; the caller decides what a failure costs."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    with quick_failure():
+        client(uri).log_batch(parent_run_id, metrics=[Metric(key, float(value), stamp, step) for key, value in metrics.items()])
 
 
 def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
@@ -241,13 +322,21 @@ def sweep_runs(uri: str, experiment_id: str) -> dict[str, object]:
 
 
 def log_analysis_run(uri: str, experiment_id: str, name: str, parent_run_id: str | None, params: dict[str, object],
-                     metrics: dict[str, float], folder: Path) -> str:
+                     metrics: dict[str, float], folder: Path, nest_under: str | None = None) -> str:
     """One run (role=analysis) in the study's experiment: params, final metrics and every file of
-    `folder`; it ends FAILED, and the error is raised, when a write fails."""
+    `folder`; it ends FAILED, and the error is raised, when a write fails.
+
+    `parent_run_id` is the sweep the analysis was restricted to (`--parent`); `nest_under` the
+    sweep run it is nested under (mlflow.parentRunId), so that it sits beside that sweep's trials
+    instead of among the experiment's top-level runs. Readers of trials filter on the role tag."""
     from mlflow.entities import Metric
 
     mlflow_client = client(uri)
-    tags = {ROLE_TAG: "analysis", **({ANALYZED_PARENT_TAG: parent_run_id} if parent_run_id else {})}
+    tags = {ROLE_TAG: "analysis", **source_tags("irrep-study analyze")}
+    if parent_run_id:
+        tags[ANALYZED_PARENT_TAG] = parent_run_id
+    if nest_under:
+        tags[PARENT_TAG] = nest_under
     run_id = mlflow_client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
         log_params(mlflow_client, run_id, {key: str(value) for key, value in params.items()})

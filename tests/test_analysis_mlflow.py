@@ -181,3 +181,88 @@ def test_knockout_hooks_zero_exactly_the_block_they_name(knockout_trial, qm9):
     # Only the readout's input is touched: the stored last-block features still hold l = 1.
     assert torch.any(embedding.node_features[-1][:, l1.start : l1.stop] != 0)
     assert torch.equal(x[:, : l1.start], embedding.node_features[-1][:, : l1.start])
+
+
+# ---------------------------------------------------------------------------- the analysis run
+
+
+def _analysis_outcome(study, out_dir):
+    """What `log_analysis_run` reads of an analysis: a hand-made ablation table (l=1 has pairs,
+    l=2 only a regression) and correlations with q values 0.01, 0.2, NaN and 0.04."""
+    import math
+
+    import pandas as pd
+
+    from analysis.pipeline import AnalysisOutcome
+
+    nan = math.nan
+    ablation = pd.DataFrame([
+        dict(l=1, method="paired", effect_meV=-30.0, lo_meV=-50.0, hi_meV=-10.0, n_pairs=2, n_configuration_pairs=1, note=""),
+        dict(l=1, method="regression", effect_meV=-25.0, lo_meV=-60.0, hi_meV=5.0, n_pairs=nan, n_configuration_pairs=nan, note=""),
+        dict(l=2, method="paired", effect_meV=nan, lo_meV=nan, hi_meV=nan, n_pairs=0, n_configuration_pairs=0, note=""),
+        dict(l=2, method="regression", effect_meV=-5.0, lo_meV=-20.0, hi_meV=10.0, n_pairs=nan, n_configuration_pairs=nan, note=""),
+    ])
+    correlations = pd.DataFrame({"block": ["l0", "l1", "l1", "l2"], "score": ["a", "a", "b", "a"],
+                                 "rho": [0.9, 0.3, nan, -0.8], "q_rho": [0.01, 0.2, nan, 0.04]})
+    trials = pd.DataFrame({"run_id": [t.run_id for t in study.trials], "configuration": [t.label for t in study.trials],
+                           "in_comparisons": True})
+    out_dir.mkdir()
+    files = {}
+    for name, frame in {"ablation": ablation, "correlations": correlations, "trials": trials}.items():
+        files[name] = out_dir / f"{name}.csv"
+        frame.to_csv(files[name], index=False)
+    return AnalysisOutcome(out_dir, study, trials, pd.DataFrame(), correlations, ablation, pd.DataFrame(), [], files, None)
+
+
+def test_the_analysis_run_is_nested_under_its_sweep_with_a_few_metrics_and_is_never_a_trial(logged_study, tmp_path):
+    from analysis.pipeline import AnalysisSettings, log_analysis_run
+    from study import tracking
+    from study.best import rank_configurations
+
+    study = _load(logged_study)
+    outcome = _analysis_outcome(study, tmp_path / "analysis")
+    client = MlflowClient(tracking_uri=logged_study.tracking_uri)
+    run_id = log_analysis_run(outcome, AnalysisSettings(), seconds=12.5)
+    try:
+        run = client.get_run(run_id)
+        # Analysed all sweeps of the experiment, which here are one: nested under it.
+        assert run.data.tags["mlflow.parentRunId"] == logged_study.parent_run_id
+        assert tracking.ANALYZED_PARENT_TAG not in run.data.tags  # no --parent was given
+        assert run.data.tags["irrep_study.role"] == "analysis" and run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.source.name"] == "irrep-study analyze"
+        assert run.data.metrics == {
+            "trials_analysed": len(study.trials), "configurations_compared": len(study.trials),
+            "correlations_tested": 3, "significant_correlations": 2, "analysis_seconds": 12.5,
+            "ablation_effect_meV/l1": -30.0, "ablation_lo_meV/l1": -50.0, "ablation_hi_meV/l1": -10.0,  # paired
+            "ablation_effect_meV/l2": -5.0, "ablation_lo_meV/l2": -20.0, "ablation_hi_meV/l2": 10.0,  # regression
+        }
+        assert run.data.params["ablation_method/l1"] == "paired" and run.data.params["ablation_method/l2"] == "regression"
+        assert {a.path for a in client.list_artifacts(run_id)} == {"ablation.csv", "correlations.csv", "trials.csv"}
+
+        # Readers of trials do not take it for one.
+        assert [t.run_id for t in _load(logged_study).trials] == logged_study.trial_run_ids
+        children = tracking.child_runs(logged_study.tracking_uri, logged_study.experiment_id, logged_study.parent_run_id)
+        assert run_id not in {r.info.run_id for r in children}
+        assert set(tracking.sweep_runs(logged_study.tracking_uri, logged_study.experiment_id)) == {logged_study.parent_run_id}
+        for parent in (None, logged_study.parent_run_id):
+            ranked = rank_configurations(logged_study.tracking_uri, logged_study.experiment, parent=parent, top=100)
+            run_ids = {i for c in ranked["configurations"] for i in c["run_ids"]}
+            assert run_ids == set(logged_study.trial_run_ids)
+            assert ranked["runs"] == len(logged_study.trial_run_ids) + len(logged_study.other_run_ids)
+    finally:
+        client.delete_run(run_id)  # the session's study stays as other tests expect it
+
+
+def test_an_analysis_of_several_sweeps_stays_at_the_top_level():
+    from types import SimpleNamespace
+
+    from analysis.load import Study
+    from analysis.pipeline import analysed_sweep
+
+    def study(parent, *trial_parents):
+        return Study("uri", "e", "1", parent, [SimpleNamespace(parent_run_id=p) for p in trial_parents], {})
+
+    assert analysed_sweep(study(None, "a", "a")) == "a"
+    assert analysed_sweep(study(None, "a", "b")) is None  # MLflow gives a run one parent: none is chosen
+    assert analysed_sweep(study("a", "a")) == "a"
+    assert analysed_sweep(study(None)) is None

@@ -51,9 +51,13 @@ def analyzed(logged_study, qm9_cache_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def quick_sweep_analysis(qm9, qm9_cache_dir, tmp_path_factory):
     """The shipped quick study, shrunk to seconds, swept for real (local Ray, Optuna, SQLite MLflow)
-    and then analysed by the console script: (sweep JSON, analyze JSON, analysis folder)."""
+    and then analysed by the console script: (sweep JSON, analyze JSON, analysis folder).
+
+    One l set only, so the two proposals differ in `lr` alone: trials of the same seed share every
+    field of their short label (l, h, seed), the case where a report once dropped a trial."""
     space = yaml.safe_load((SPACES / "quick.yaml").read_text())
     space["trial"].update(subset=300, epochs=2, hidden_dim=4, num_layers=1)
+    space["search"]["params"]["l_values"] = {"choice": [[0, 1, 2]]}
     space["search"]["num_samples"] = 2
     space["scheduler"] = {"type": "none"}
     work = tmp_path_factory.mktemp("quick-e2e")
@@ -74,9 +78,14 @@ def test_a_real_quick_sweep_is_analysed_end_to_end(quick_sweep_analysis):
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores["run_id"]) == {t["mlflow_run_id"] for t in completed}
     assert (out / "report.html").is_file() and (out / "correlations.csv").is_file()
-    # The report opens with the ablation effects: their table (and plot, where there is an effect).
+    # The report opens with its findings: parameter importance (lr, the one parameter varied), the
+    # configurations' errors, the Pareto front; then Optuna's plots, then the ablation effects.
     page = (out / "report.html").read_text()
-    assert page.index("<h2>") == page.index("<h2>Ablation effects")
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert headings[:3] == ["Findings", "The search as Optuna sees it", "Ablation effects: what including each l does to the test error"]
+    importance = pd.read_csv(out / "importance.csv")
+    assert list(importance["parameter"]) == ["lr"] and importance["importance"].iloc[0] == pytest.approx(1.0)
+    assert all((out / f"{name}.png").is_file() for name in ("optuna_history", "optuna_importance", "optuna_parallel", "optuna_slice", "pareto"))
     assert (out / "ablation.csv").is_file()
     assert set(pd.read_csv(out / "configurations.csv")["n_trials"]) == {2}
 
@@ -163,13 +172,17 @@ def test_report_is_self_contained(analyzed, logged_study):
 
 
 def test_analysis_is_logged_to_mlflow_and_is_not_a_trial(analyzed, logged_study):
-    document, _, _ = analyzed
+    document, out, _ = analyzed
     client = MlflowClient(tracking_uri=logged_study.tracking_uri)
     run = client.get_run(document["analysis_run_id"])
     assert run.data.tags["irrep_study.role"] == "analysis" and run.info.status == "FINISHED"
     assert run.data.params["trials_analysed"] == str(len(logged_study.trial_run_ids))
-    assert "rho/l0/norm_share" in run.data.metrics
+    # Nested under the one sweep it analysed, with a summary as metrics; the tables are artifacts.
+    assert run.data.tags["mlflow.parentRunId"] == logged_study.parent_run_id
+    assert run.data.metrics["trials_analysed"] == len(logged_study.trial_run_ids) and len(run.data.metrics) < 20
+    assert not any(name.startswith(("rho/", "p_rho/")) for name in run.data.metrics)
     artifacts = {info.path for info in client.list_artifacts(run.info.run_id)}
+    assert {path.name for path in out.iterdir() if path.is_file()} <= artifacts  # every file written is logged
     assert {"report.html", "scores.csv", "correlations.csv", "correlation_heatmap.png"} <= artifacts
     study = load_study(logged_study.experiment, tracking_uri=logged_study.tracking_uri)
     assert document["analysis_run_id"] not in {t.run_id for t in study.trials}
@@ -195,6 +208,18 @@ def test_report_of_a_real_sweep_renders_in_headless_chromium(quick_sweep_analysi
     table = re.search(r'<table[^>]*id="correlations".*?</table>', dom.stdout, re.S)
     assert table is not None
     assert table.group(0).count("<tr") == len(correlations) + 1  # header row + one per (block, score)
+    # Trials sharing their short label (l, h, seed; they differ in lr) are all listed, in every per-trial table.
+    run_ids = set(pd.read_csv(out / "trials.csv")["run_id"])
+    assert len(run_ids) == 4 and len(set(pd.read_csv(out / "trials.csv")["label"])) == 2
+    for table_id in ("trials", "within_trial"):
+        rows = re.search(rf'<table[^>]*id="{table_id}".*?</table>', dom.stdout, re.S).group(0)
+        assert rows.count("<tr") == 4 + 1 and all(run_id in rows for run_id in run_ids)
+    # The first section, as the browser laid it out, holds the findings.
+    first = re.search(r"<h2>(.*?)</h2>(.*?)(?=<h2>)", dom.stdout, re.S)
+    assert first.group(1) == "Findings"
+    assert "lr explains most" in first.group(2) or "One parameter varied: lr" in first.group(2)
+    assert 'id="importance"' in first.group(2) and 'id="pareto_front"' in first.group(2)
+    assert "Best on validation:" in first.group(2)
 
     shot = tmp_path / "report.png"
     rendered = subprocess.run(
@@ -209,13 +234,40 @@ def test_report_of_a_real_sweep_renders_in_headless_chromium(quick_sweep_analysi
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
 
+@pytest.mark.slow  # a real quick sweep on Ray
+def test_optuna_dashboard_opens_the_quick_studys_storage(quick_sweep_analysis):
+    import urllib.request
+
+    from tests.services import free_port, wait_until
+
+    swept, _, _ = quick_sweep_analysis
+    port = free_port()
+    dashboard = subprocess.Popen(["optuna-dashboard", swept["optuna_storage"], "--host", "127.0.0.1", "--port", str(port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def studies():
+            try:
+                return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read())
+            except OSError:
+                return None
+
+        wait_until(lambda: studies() is not None, 60, "optuna-dashboard to answer")
+        [summary] = studies()["study_summaries"]
+        assert summary["study_name"] == swept["optuna_study"]
+        detail = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10).read())
+        assert len(detail["trials"]) == 2  # one per proposal; its two seeds are replicates
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+
+
 def test_analysis_never_imports_ray():
     # DESIGN.md: data flows one way and only study/sweep.py knows Ray; an analysis machine needs no Ray.
     import sys
 
     modules = ["analysis." + name for name in (
         "load", "descriptors", "features", "scores", "knockout", "correlate", "configurations", "survival", "ablation", "plots",
-        "report", "pipeline",
+        "report", "pipeline", "findings",
     )]
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -237,3 +289,18 @@ def test_the_per_trial_descriptor_table_keeps_trials_that_share_a_label():
     assert table.set_index("run_id").loc["run-b", "nsps"] == 0.2 and table.set_index("run_id").loc["run-c", "num_rings"] == -0.3
     with pytest.raises(ValueError):  # a duplicated (trial, descriptor) is an error, never silently dropped
         per_trial_descriptor_table(pd.concat([within, within.iloc[:1]]))
+
+
+def test_the_reports_best_configuration_is_chosen_on_validation_not_test():
+    from types import SimpleNamespace
+
+    from analysis.pipeline import AnalysisSettings, _summary
+
+    # "val-winner" is best on validation, "test-winner" on test: the summary names the first.
+    trials = pd.DataFrame([
+        {"configuration": "val-winner", "best_val_mae_meV": 30.0, "test_mae_meV": 60.0, "baseline_test_mae_meV": 900.0},
+        {"configuration": "test-winner", "best_val_mae_meV": 40.0, "test_mae_meV": 35.0, "baseline_test_mae_meV": 900.0},
+    ])
+    study = SimpleNamespace(tracking_uri="sqlite:///x.db")
+    summary = _summary("e", None, study, trials, trials, "none", AnalysisSettings())
+    assert summary["errors vs composition baseline"].startswith("best configuration on validation val-winner: test MAE 60.0 meV")

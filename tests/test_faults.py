@@ -165,6 +165,8 @@ def test_mlflow_outage_mid_sweep_is_journaled_and_synced_afterwards(qm9, qm9_cac
             assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 5
             assert {"test_mae_meV", "num_params", "train_seconds"} <= set(run.data.metrics)
             assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "test_embeddings.npz"}
+            # The trial's MLflow Model, journaled as a folder, arrives whole (study/mlflow_model.py).
+            assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
             assert run.data.params["l_values"] in ("0,1", "0,2")
         parent = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")[0]
         assert parent.info.status == "FINISHED"

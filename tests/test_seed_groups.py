@@ -256,6 +256,53 @@ def test_the_searcher_is_told_the_seed_mean_at_the_epoch_where_the_seeds_stopped
     assert optuna_search._ot_study.trials[1].value == pytest.approx(65.0)
 
 
+def test_with_two_objectives_each_is_the_mean_over_the_seeds_of_a_proposal():
+    import optuna
+
+    from study.space import SearchSpace
+    from study.sweep import METRIC, _searcher_and_space
+
+    space = SearchSpace.model_validate({
+        "name": "two", "seeds": [1, 2],
+        "search": {"method": "optuna", "sampler": "random", "num_samples": 2,
+                   "params": {"l_values": {"subsets_of": [0, 1, 2]}},
+                   "objectives": [{"metric": METRIC}, {"metric": "epoch_seconds"}]},
+    })
+    repeater, _, samples = _searcher_and_space(space)
+    assert samples == 4
+    repeater.suggest("s0"), repeater.suggest("s1")
+    repeater.on_trial_result("s0", {METRIC: 50.0, "epoch_seconds": 2.0, "epoch": 1})
+    repeater.on_trial_complete("s0")  # stopped while paused: its last result counts
+    repeater.on_trial_complete("s1", result={METRIC: 70.0, "epoch_seconds": 4.0, "epoch": 1})
+    study = repeater.searcher._ot_study
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    assert study.trials[0].values == pytest.approx([60.0, 3.0])
+    # A diverged seed (infinite error) makes the proposal worst on that objective, not a failure.
+    repeater.suggest("s2"), repeater.suggest("s3")
+    repeater.on_trial_complete("s2", result={METRIC: math.inf, "epoch_seconds": 2.0, "epoch": 1})
+    repeater.on_trial_complete("s3", result={METRIC: 40.0, "epoch_seconds": 2.0, "epoch": 1})
+    assert study.trials[1].values[0] == math.inf and study.trials[1].values[1] == pytest.approx(2.0)
+    assert [t.number for t in study.best_trials] == [0, 1]  # 0: lower error, 1: faster
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"objectives": [{"metric": "num_params"}, {"metric": "val_mae_meV"}]}, "first objective must be val_mae_meV"),
+    ({"objectives": [{"metric": "val_mae_meV"}, {"metric": "val_mae_meV"}]}, "named twice"),
+    ({"objectives": [{"metric": "val_mae_meV"}, {"metric": "test_mae_meV"}]}, "objectives.1.metric"),
+    ({"sampler": "cmaes", "objectives": [{"metric": "val_mae_meV"}, {"metric": "num_params"}]}, "cmaes optimises one"),
+])
+def test_objectives_that_cannot_be_searched_are_refused(tmp_path, search, message):
+    import yaml
+
+    from study.errors import UserError
+    from study.space import load_search_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "search": {"params": {"lr": {"loguniform": [1e-3, 1e-2]}}, **search}}))
+    with pytest.raises(UserError, match=message):
+        load_search_space(path)
+
+
 def test_a_grid_creates_the_seeds_of_a_configuration_one_after_another():
     from ray.tune.search.variant_generator import generate_variants
 

@@ -20,7 +20,7 @@ GOOD = {
 }
 
 
-@pytest.mark.parametrize("name, trials", [("quick", 20), ("paper", 36), ("lsubsets", 120), ("ablation", 40)])
+@pytest.mark.parametrize("name, trials", [("quick", 20), ("paper", 36), ("lsubsets", 120), ("ablation", 40), ("tradeoff", 20)])
 def test_shipped_spaces_validate(name, trials):
     space = load_search_space(SPACES / f"{name}.yaml")
     assert space.name == name and space.total_trials == trials

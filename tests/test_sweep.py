@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -93,6 +94,11 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
     assert set(frame["mlflow_run_id"]) == {r.info.run_id for r in children}
     best = analysis.get_best_trial("val_mae_meV", "min", scope="last")
     assert best.last_result["val_mae_meV"] == min(frame["val_mae_meV"])
+    # So does Optuna's: one trial per configuration (one seed here), told its last validation MAE.
+    import optuna
+
+    study = optuna.load_study(study_name=report["optuna_study"], storage=report["optuna_storage"])
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(frame["val_mae_meV"]))
 
     # `best` ranks the same runs and exports a config that `train` accepts.
     ranked = run_cli(
@@ -134,6 +140,10 @@ def test_grid_with_seeds_and_asha_on_a_local_ray(run_cli, tmp_path):
     assert sorted((t["l_values"], t["seed"]) for t in trials) == [("0,1", 1), ("0,1", 2), ("0,2", 1), ("0,2", 2)]
     statuses = {t["status"] for t in trials}
     assert statuses <= {"completed", "stopped_early"} and "completed" in statuses
+    # The sweep's status on stderr (not a terminal here: printed blocks), its final state last:
+    # all trials done, the best validation MAE with its grid entry's values and seed.
+    assert re.search(r"grid-asha \d\d:\d\d:\d\d: 4/4 trials done \(.+\) \| 0 running", result.stderr), result.stderr
+    assert re.search(r"best val MAE: \d+\.\d meV  l_values=0,[12] hidden_dim=[42] seed=[12] ", result.stderr), result.stderr
     for l_values in ("0,1", "0,2"):  # the seeds of a grid entry continue or stop together
         assert len({(t["status"], t["epochs"]) for t in trials if t["l_values"] == l_values}) == 1, trials
 
@@ -171,9 +181,14 @@ def test_grid_with_seeds_and_asha_on_a_local_ray(run_cli, tmp_path):
 
 def test_seeds_of_a_configuration_continue_or_stop_together(run_cli, tmp_path):
     """Seed-aware ASHA: 3 Optuna proposals x 2 seeds on one CPU, so the first seed of each
-    configuration always waits (paused) at a rung for the second, and resumes in its own run."""
+    configuration always waits (paused) at a rung for the second, and resumes in its own run.
+    Two objectives (validation MAE, parameters): the Optuna study in the sweep's folder holds one
+    trial per configuration with both values and a Pareto front."""
+    import optuna
     from mlflow.tracking import MlflowClient
-    from ray.tune.search.optuna import OptunaSearch
+
+    from study.config import TrialConfig
+    from study.resources import num_params
 
     epochs = 4
     space = write_space(
@@ -181,7 +196,8 @@ def test_seeds_of_a_configuration_continue_or_stop_together(run_cli, tmp_path):
         name="seed-asha",
         trial={**TINY_TRIAL, "epochs": epochs},
         search={"method": "optuna", "sampler": "random", "num_samples": 3, "seed": 2,
-                "params": {"l_values": {"subsets_of": [0, 1, 2]}, "lr": {"loguniform": [1.0e-4, 3.0e-2]}}},
+                "params": {"l_values": {"subsets_of": [0, 1, 2]}, "lr": {"loguniform": [1.0e-4, 3.0e-2]}},
+                "objectives": [{"metric": "val_mae_meV"}, {"metric": "num_params"}]},
         seeds=[1, 2],
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         resources={"cpus_per_trial": 1, "max_concurrent": 2},
@@ -213,11 +229,19 @@ def test_seeds_of_a_configuration_continue_or_stop_together(run_cli, tmp_path):
             assert len(steps[0]) == epochs and all("test_mae_meV" in run.data.metrics for run in runs)
         assert {by_run[run.info.run_id]["status"] for run in runs} == {status}
         outcomes.append(status)
-        seed_means.append(sum(max(history, key=lambda m: m.step).value for history in histories) / 2)
+        size = num_params(TrialConfig(**TINY_TRIAL, l_values=runs[0].data.params["l_values"], lr=float(runs[0].data.params["lr"])))
+        seed_means.append((sum(max(history, key=lambda m: m.step).value for history in histories) / 2, size))
     assert "completed" in outcomes and "stopped_early" in outcomes, outcomes
 
-    # Optuna was told, per proposal, the mean of its two seeds at the epoch where both ended.
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(report["path"])
-    told = sorted(trial.value for trial in searcher._ot_study.trials)
-    assert told == pytest.approx(sorted(seed_means))
+    # Optuna was told, per proposal, the mean of its two seeds at the epoch where both ended, and
+    # the model's size; its study lives in the sweep's folder, readable with Optuna's own API.
+    assert report["optuna_storage"] == f"sqlite:///{report['path']}/optuna.db"
+    study = optuna.load_study(study_name=report["optuna_study"], storage=report["optuna_storage"])
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    told = sorted(tuple(t.values) for t in study.trials)
+    assert [v for pair in told for v in pair] == pytest.approx([v for pair in sorted(seed_means) for v in pair])
+    front = study.best_trials
+    assert front and all(t in study.trials for t in front)
+    # The front is what Optuna says it is: no trial of the study is better on both objectives.
+    for chosen in front:
+        assert not any(t.values[0] < chosen.values[0] and t.values[1] < chosen.values[1] for t in study.trials)

@@ -93,3 +93,128 @@ def test_resume_finds_only_the_unfinished_sweeps_of_its_own_study(tmp_path):
     assert journal.latest_unfinished(tmp_path, "quick") == mine
     assert journal.latest_unfinished(tmp_path, "quick-big").name == "quick-big-20261126-100000"
     assert journal.latest_unfinished(tmp_path, "other") is None
+
+
+# ---------------------------------------------------------------------------- the sweep's parent run
+
+
+def _small_space():
+    from study.space import SearchSpace
+
+    return SearchSpace.model_validate({"name": "parent", "trial": {"hidden_dim": 4, "subset": 300, "epochs": 1},
+                                       "search": {"method": "grid", "grid": [{"l_values": [0]}, {"l_values": [0, 1]}]}})
+
+
+def _checkout_commit() -> str | None:
+    """HEAD of the checkout the tests run from, asked of git directly; None without git or checkout."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(tracking.__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    lines = done.stdout.splitlines()
+    return lines[1] if done.returncode == 0 and Path(lines[0]).resolve() == root else None
+
+
+def test_the_sweep_parent_run_holds_its_search_space_and_source_tags(tmp_path):
+    import yaml
+
+    from study.space import SearchSpace
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.ensure_experiment(uri, "parent-run")
+    space = _small_space()
+    parent = tracking.start_sweep_run(uri, experiment_id, "parent-1", space.summary_params(), space=space.model_dump(mode="json"))
+
+    client = tracking.client(uri)
+    assert [a.path for a in client.list_artifacts(parent)] == [tracking.SEARCH_SPACE_ARTIFACT]
+    text = open(client.download_artifacts(parent, tracking.SEARCH_SPACE_ARTIFACT, str(tmp_path))).read()
+    assert SearchSpace.model_validate(yaml.safe_load(text)) == space  # the validated space, whole
+    tags = client.get_run(parent).data.tags
+    assert tags[tracking.ROLE_TAG] == "sweep"
+    assert tags["mlflow.source.name"] == "irrep-study sweep" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags[tracking.VERSION_TAG] == tracking.package_version() != ""
+    commit = _checkout_commit()
+    if commit is None:
+        assert "mlflow.source.git.commit" not in tags
+    else:
+        assert tags["mlflow.source.git.commit"] == commit and tags[tracking.GIT_DIRTY_TAG] in ("true", "false")
+
+
+def test_git_state_is_none_without_git_or_for_another_repository(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    assert tracking.git_state(tmp_path) is None  # not a checkout
+    # A folder inside a checkout whose top is elsewhere (a venv in another project's repository).
+    assert tracking.git_state(Path(tracking.__file__).resolve().parent) is None
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git binary at all
+    assert tracking.git_state() is None
+    assert "mlflow.source.git.commit" not in tracking.source_tags("irrep-study sweep")
+
+
+class _FakeTrial:
+    """What TrackTrialEnds reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, status: str, last_result: dict):
+        self.trial_id, self.status, self.last_result = trial_id, status, last_result
+
+
+def _complete(callback, trials: list, trial_id: str, status: str, best_val=None, test=None) -> None:
+    """Tune's order: the trial ends RUNNING into on_trial_complete, and is TERMINATED afterwards."""
+    result = {"trial_status": status, "epoch": 2, "mlflow_run_id": None}
+    if best_val is not None:
+        result.update(best_val_mae_meV=best_val, test_mae_meV=test)
+    trial = _FakeTrial(trial_id, "RUNNING", result)
+    trials.append(trial)
+    callback.on_trial_complete(0, trials, trial)
+    trial.status = "TERMINATED"
+
+
+def test_the_parent_run_charts_the_best_trial_so_far_and_a_resume_goes_on_counting(tmp_path):
+    from study.sweep import TrackTrialEnds
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.ensure_experiment(uri, "best-so-far")
+    parent = tracking.start_sweep_run(uri, experiment_id, "sweep", {})
+    callback = TrackTrialEnds(uri, str(tmp_path / "journal"), parent)
+    trials: list = []
+    completed = [("t1", 120.0, 300.0), ("t2", 90.0, 95.0), ("t3", 110.0, 80.0)]  # t3's lower test MAE is not chosen
+    for trial_id, best_val, test in completed:
+        _complete(callback, trials, trial_id, "completed", best_val, test)
+    _complete(callback, trials, "t4", "diverged")  # no test MAE: neither counted nor logged
+    # A driver restart (`--resume`): a new callback, and Tune's restored trial states.
+    resumed = TrackTrialEnds(uri, str(tmp_path / "journal"), parent)
+    _complete(resumed, trials, "t5", "completed", 70.0, 200.0)
+    completed.append(("t5", 70.0, 200.0))
+
+    client = tracking.client(uri)
+
+    def history(name):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(parent, name), key=lambda m: m.step)]
+
+    running_min, best = [], None
+    for _, best_val, test in completed:
+        best = (best_val, test) if best is None or best_val < best[0] else best
+        running_min.append(best)
+    steps = list(range(1, len(completed) + 1))
+    assert history("best_val_mae_meV") == list(zip(steps, [b[0] for b in running_min]))
+    assert history("best_trial_test_mae_meV") == list(zip(steps, [b[1] for b in running_min]))
+    assert history("trials_finished") == [(s, float(s)) for s in steps]
+
+
+def test_best_so_far_is_skipped_with_one_line_when_the_server_is_down(tmp_path, capsys):
+    from study.sweep import TrackTrialEnds
+    from tests.services import free_port
+
+    callback = TrackTrialEnds(f"http://127.0.0.1:{free_port()}", str(tmp_path / "journal"), "parent")
+    _complete(callback, [], "t1", "completed", 90.0, 95.0)  # nothing listens there: must not raise
+    err = capsys.readouterr().err
+    assert "best-so-far metrics after 1 completed trials not logged" in err and err.count("\n") == 1
+    # The callback of a sweep started before it knew its parent run, restored by `--resume`.
+    old = TrackTrialEnds.__new__(TrackTrialEnds)
+    old.__dict__.update(tracking_uri=callback.tracking_uri, spool_dir=callback.spool_dir)
+    _complete(old, [], "t2", "completed", 80.0, 85.0)
+    assert capsys.readouterr().err == ""

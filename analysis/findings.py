@@ -1,0 +1,281 @@
+"""What the study found, said first: the report's opening section.
+
+- Parameter importance of every parameter the study varied, over all its configurations (early
+  stopped ones included, at the epoch where they stopped: what the searcher saw), from Optuna's
+  own fANOVA evaluator. The trials are rebuilt as an in-memory Optuna study from the MLflow runs,
+  so a grid sweep, several sweeps of one experiment, and an Optuna sweep are treated alike: one
+  Optuna trial per configuration (seeds are replicates), valued at the mean over its seeds of the
+  last validation MAE each seed logged. An l set enters as one inclusion flag per l that varies
+  (`include_l1`, ...), the contrast the study asks about. Optuna's stock plots (optimisation
+  history, parallel coordinates, slice, importance) are drawn from the same study.
+- The accuracy-size trade-off: the Pareto front of configurations on mean validation MAE (chosen
+  on validation, never test) and parameter count, each configuration marked by its l set.
+- Sentences: the ablation effects, the most important parameter, the best configuration on
+  validation beside its test MAE and the composition fit's, and what is significant after
+  correction (the correlations' Benjamini-Hochberg q) or an explicit "nothing is".
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.configurations import includes, l_orders
+
+VALUE = "val_mae_meV"  # the last validation MAE each run logged: early-stopped runs have one too
+SIZE = "num_params"
+
+
+# ---------------------------------------------------------------------------- Optuna's view
+
+
+def _distribution(values: pd.Series):
+    import optuna
+
+    if values.dtype == bool:
+        return optuna.distributions.CategoricalDistribution([False, True])
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all():
+        low, high = float(numeric.min()), float(numeric.max())
+        if (numeric == numeric.round()).all() and abs(high) < 2**31:
+            return optuna.distributions.IntDistribution(int(low), int(high))
+        # A range spanning a decade or more (a learning rate) is searched, and read, on a log scale.
+        return optuna.distributions.FloatDistribution(low, high, log=low > 0 and high / low >= 10)
+    return optuna.distributions.CategoricalDistribution(sorted(values.astype(str).unique()))
+
+
+def configuration_values(runs: pd.DataFrame, context: list[str]) -> tuple[pd.DataFrame, int]:
+    """Per configuration of `runs` (every trial run, any status): the parameters that vary
+    (l inclusion flags first), the number of seeds with a value, and the mean of their last
+    validation MAE. Also the number of configurations without any finite value (diverged or
+    failed in every seed), which Optuna's evaluators cannot take."""
+    varying_l = [l for l in l_orders(runs["l_values"]) if runs["l_values"].map(lambda v, l=l: includes(v, l)).nunique() > 1]
+    rows = []
+    for configuration, group in runs.groupby("configuration", sort=False):
+        first = group.iloc[0]
+        row = {"configuration": configuration}
+        row.update({f"include_l{l}": includes(first["l_values"], l) for l in varying_l})
+        row.update({name: first[name] for name in context})
+        values = group[VALUE].dropna() if VALUE in group else pd.Series(dtype=float)
+        row["n_seeds"] = len(values)
+        row[VALUE] = float(values.mean()) if len(values) else math.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table, 0
+    missing = int(table[VALUE].isna().sum())
+    return table.dropna(subset=[VALUE]).reset_index(drop=True), missing
+
+
+def importance_study(values: pd.DataFrame):
+    """An in-memory Optuna study with one trial per configuration, in the order they ran."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", study_name="irrep-study configurations")
+    parameters = [c for c in values.columns if c not in ("configuration", "n_seeds", VALUE)]
+    parameters = [c for c in parameters if values[c].nunique() > 1]
+    distributions = {name: _distribution(values[name]) for name in parameters}
+    for row in values.itertuples(index=False):
+        record = row._asdict()
+        params = {}
+        for name, distribution in distributions.items():
+            value = record[name]
+            if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+                params[name] = bool(value) if distribution.choices == (False, True) else str(value)
+            elif isinstance(distribution, optuna.distributions.IntDistribution):
+                params[name] = int(value)
+            else:
+                params[name] = float(value)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, value=record[VALUE],
+            user_attrs={"configuration": record["configuration"], "n_seeds": record["n_seeds"]},
+        ))
+    return study
+
+
+def parameter_importance(study) -> pd.DataFrame:
+    """Optuna's fANOVA importance of each varied parameter for the validation MAE (sums to 1);
+    empty below 2 configurations or with nothing varied."""
+    import optuna
+
+    columns = ["parameter", "importance"]
+    if len(study.trials) < 2 or not study.trials[0].params:
+        return pd.DataFrame(columns=columns)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: the same study, the same numbers
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return pd.DataFrame(list(importances.items()), columns=columns)
+
+
+def optuna_figures(study, out_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Optuna's stock matplotlib plots of the configurations' study, each where it has something to show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    if len(study.trials) < 2 or not study.trials[0].params:
+        return {}
+    drawn = {
+        "optuna_history": (lambda: optuna_plots.plot_optimization_history(study, target_name="val MAE (meV)"),
+                           "Optuna: optimisation history (each configuration's mean validation MAE over its seeds, in the order run)."),
+        "optuna_importance": (lambda: optuna_plots.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name="val MAE (meV)"),
+            "Optuna: fANOVA importance of each varied parameter for the validation MAE."),
+        "optuna_parallel": (lambda: optuna_plots.plot_parallel_coordinate(study, target_name="val MAE (meV)"),
+                            "Optuna: parallel coordinates of the varied parameters, coloured by validation MAE."),
+        "optuna_slice": (lambda: optuna_plots.plot_slice(study, target_name="val MAE (meV)"),
+                         "Optuna: validation MAE against each varied parameter."),
+    }
+    figures = {}
+    for name, (draw, caption) in drawn.items():
+        path = Path(out_dir) / f"{name}.png"
+        # Optuna's plots switch matplotlib to its ggplot style for good: rc_context puts ours back after.
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            # Optuna marks its matplotlib plots experimental; its colour bars make tight_layout warn.
+            warnings.simplefilter("ignore")
+            axes = draw()
+            figure = np.ravel(axes)[0].get_figure() if isinstance(axes, np.ndarray) else axes.get_figure()
+            figure.set_size_inches(max(figure.get_size_inches()[0], 7), max(figure.get_size_inches()[1], 4.5))
+            figure.tight_layout()
+            figure.savefig(path, dpi=110)
+        plt.close(figure)
+        figures[name] = (path, caption)
+    return figures
+
+
+# ---------------------------------------------------------------------------- accuracy vs size
+
+
+def pareto_front(configurations: pd.DataFrame) -> pd.DataFrame:
+    """Configurations with a mean validation MAE and a size, `on_front` where no other is at least
+    as good on both and better on one; sorted by size."""
+    table = configurations.dropna(subset=["best_val_mae_meV_mean", "num_params"]).copy()
+    table = table.sort_values(["num_params", "best_val_mae_meV_mean"], kind="stable").reset_index(drop=True)
+    on_front, best = [], math.inf
+    for value in table["best_val_mae_meV_mean"]:
+        on_front.append(value < best)  # sorted by size: on the front when it beats every smaller one
+        best = min(best, value)
+    table["on_front"] = on_front
+    return table
+
+
+def pareto_figure(front: pd.DataFrame, path: Path) -> Path | None:
+    """Mean validation MAE (with seed sd) against parameters, the front as a step line, every
+    configuration marked by its largest l and the front's points labelled by their l set."""
+    if len(front) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lmax = front["l_values"].map(lambda text: max(int(p) for p in str(text).split(",") if p.strip()))
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.get_cmap("viridis")
+    top = max(int(lmax.max()), 1)
+    for value in sorted(lmax.unique()):
+        chosen = front[lmax == value]
+        axes.errorbar(chosen["num_params"], chosen["best_val_mae_meV_mean"], yerr=chosen["best_val_mae_meV_sd"].fillna(0),
+                      fmt="o", color=colours(0.1 + 0.7 * value / top), label=f"largest l = {value}", capsize=2, alpha=0.85)
+    on = front[front["on_front"]]
+    axes.step(on["num_params"], on["best_val_mae_meV_mean"], where="post", color="#c62828", lw=1.2, label="Pareto front")
+    for row in on.itertuples():
+        axes.annotate(f"l={row.l_values}", (row.num_params, row.best_val_mae_meV_mean), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7)
+    axes.set_xscale("log")
+    axes.set_xlabel("parameters")
+    axes.set_ylabel("validation MAE (meV), mean over seeds")
+    axes.set_title("Accuracy against size: each configuration, the Pareto front in red")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- sentences
+
+
+def significant_correlations(correlations: pd.DataFrame, level: float) -> pd.DataFrame:
+    if correlations.empty or "q_rho" not in correlations:
+        return correlations.iloc[0:0]
+    return correlations[correlations["q_rho"] < level]
+
+
+def clear_ablation_effects(estimates: dict[int, tuple[str, pd.Series]]) -> dict[int, tuple[str, pd.Series]]:
+    """The headline estimates whose 95% interval excludes zero."""
+    return {l: (method, row) for l, (method, row) in estimates.items()
+            if math.isfinite(row["lo_meV"]) and (row["lo_meV"] > 0 or row["hi_meV"] < 0)}
+
+
+def finding_sentences(ablation_sentences: list[str], estimates: dict[int, tuple[str, pd.Series]], importance: pd.DataFrame,
+                      importance_n: int, configurations: pd.DataFrame, correlations: pd.DataFrame, level: float) -> list[str]:
+    """The findings, in the order a reader asks: what the l orders do, what mattered, who won, what holds."""
+    sentences = [s[0].upper() + s[1:] for s in ablation_sentences] or [
+        "No l is in some configurations and not in others: the study has no ablation contrast."]
+    if not importance.empty:
+        top = importance.iloc[0]
+        sentences.append(
+            f"Of the {len(importance)} varied parameters, {top['parameter']} explains most of the validation MAE across "
+            f"{importance_n} configurations (Optuna fANOVA importance {top['importance']:.2f}; "
+            + ", ".join(f"{r.parameter} {r.importance:.2f}" for r in importance.iloc[1:].itertuples()) + ")."
+            if len(importance) > 1 else
+            f"One parameter varied: {top['parameter']} (importance 1 by construction, over {importance_n} configurations)."
+        )
+    ranked = configurations.dropna(subset=["best_val_mae_meV_mean"]).sort_values("best_val_mae_meV_mean", kind="stable")
+    if len(ranked):
+        best = ranked.iloc[0]
+        versus = ""
+        if math.isfinite(best.get("baseline_test_mae_meV_mean", math.nan)):
+            versus = (f" against {best['baseline_test_mae_meV_mean']:.1f} meV for the composition fit "
+                      f"({best['test_mae_meV_mean'] / best['baseline_test_mae_meV_mean']:.2f} x)")
+        sentences.append(
+            f"Best on validation: {best['configuration']} (val MAE {best['best_val_mae_meV_mean']:.1f} meV over "
+            f"{int(best['n_completed'])} seed(s)); its test MAE {best['test_mae_meV_mean']:.1f} meV{versus}."
+        )
+    significant = significant_correlations(correlations, level)
+    clear = clear_ablation_effects(estimates)
+    if significant.empty and not clear:
+        sentences.append(
+            f"Nothing is significant after correction: no score correlates with test MAE at Benjamini-Hochberg "
+            f"q < {level:g} ({len(correlations)} tested), and no ablation effect's 95% interval excludes zero."
+        )
+    else:
+        if len(significant):
+            sentences.append(
+                f"{len(significant)} of {len(correlations)} score-error correlations are significant after "
+                f"Benjamini-Hochberg correction (q < {level:g}): "
+                + ", ".join(f"{r.block}/{r.score} (rho {r.rho:+.2f})" for r in significant.itertuples()) + "."
+            )
+        else:
+            sentences.append(f"No score correlates with test MAE at Benjamini-Hochberg q < {level:g} ({len(correlations)} tested).")
+        if clear:
+            sentences.append(
+                "Ablation effects whose 95% interval excludes zero (per l, not adjusted for the "
+                f"{len(estimates)} orders tested): " + ", ".join(f"l={l} ({method})" for l, (method, _) in sorted(clear.items())) + "."
+            )
+    return sentences
+
+
+def configuration_errors(configurations: pd.DataFrame) -> pd.DataFrame:
+    """Mean +/- sd of validation and test MAE per configuration with n, ranked on validation."""
+    table = configurations.dropna(subset=["best_val_mae_meV_mean"]).sort_values("best_val_mae_meV_mean", kind="stable")
+
+    def shown(mean, sd) -> str:
+        return f"{mean:.1f} ± {sd:.1f}" if math.isfinite(sd) else f"{mean:.1f}"
+
+    return pd.DataFrame({
+        "configuration": table["configuration"],
+        "n": table["n_completed"].astype(int),
+        "val MAE (meV)": [shown(m, s) for m, s in zip(table["best_val_mae_meV_mean"], table["best_val_mae_meV_sd"])],
+        "test MAE (meV)": [shown(m, s) for m, s in zip(table["test_mae_meV_mean"], table["test_mae_meV_sd"])],
+        "composition fit (meV)": table["baseline_test_mae_meV_mean"],
+        "test / fit": table["test_over_baseline_mean"],
+    })

@@ -1,0 +1,102 @@
+"""The report's findings: Optuna's importance over every configuration (early-stopped ones too),
+the Pareto front of validation MAE against size, and the sentences that say what holds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import findings
+from analysis.survival import run_table
+
+
+def _runs(rng: np.random.Generator) -> tuple[pd.DataFrame, list[str]]:
+    """12 configurations x 2 seeds: the validation MAE follows lr strongly, l=1 not at all; a third
+    of the configurations were stopped early (their last validation MAE is all they have)."""
+    records = []
+    for k in range(12):
+        lr = float(10 ** rng.uniform(-3.5, -1.5))
+        l_values = "0,1" if k % 2 else "0"
+        for seed in (1, 2):
+            val = 100.0 + 400.0 * (math.log10(lr) + 3.5) + rng.normal(0, 2.0)
+            status = "stopped_early" if k % 3 == 0 else "completed"
+            metrics = {"val_mae_meV": val, "num_params": 1000.0 + 500 * (k % 2)}
+            if status == "completed":
+                metrics.update(best_val_mae_meV=val, test_mae_meV=val * 1.05, baseline_test_mae_meV=900.0)
+            records.append({"run_id": f"r{k}-{seed}", "status": status,
+                            "params": {"l_values": l_values, "lr": str(lr), "seed": str(seed), "hidden_dim": "8"},
+                            "metrics": metrics})
+    records.append({"run_id": "diverged", "status": "diverged",
+                    "params": {"l_values": "0,1", "lr": "0.5", "seed": "1", "hidden_dim": "8"}, "metrics": {}})
+    return run_table(records)
+
+
+def test_importance_covers_every_configuration_and_finds_the_parameter_that_matters():
+    runs, context = _runs(np.random.default_rng(0))
+    values, unvalued = findings.configuration_values(runs, context)
+    assert len(values) == 12 and unvalued == 1  # early-stopped ones in, the one without any value counted
+    assert set(values.columns) >= {"include_l1", "lr", "n_seeds", "val_mae_meV"}
+    study = findings.importance_study(values)
+    assert len(study.trials) == 12  # one Optuna trial per configuration, not per seed
+    first = values.iloc[0]
+    assert study.trials[0].value == pytest.approx(first["val_mae_meV"])
+    assert study.trials[0].params == {"include_l1": bool(first["include_l1"]), "lr": pytest.approx(first["lr"])}
+    importance = findings.parameter_importance(study)
+    assert list(importance["parameter"]) == ["lr", "include_l1"]
+    assert importance["importance"].sum() == pytest.approx(1.0) and importance["importance"].iloc[0] > 0.9
+
+
+def test_the_pareto_front_holds_exactly_the_configurations_nothing_beats_on_both():
+    table = pd.DataFrame({
+        "configuration": list("abcde"),
+        "l_values": ["0", "0,1", "0,1,2", "0,2", "0,1,2,3"],
+        "num_params": [100, 200, 400, 400, 800],
+        "best_val_mae_meV_mean": [90.0, 70.0, 60.0, 75.0, 65.0],
+    })
+    front = findings.pareto_front(table)
+    assert set(front.loc[front["on_front"], "configuration"]) == {"a", "b", "c"}
+    for row in front.itertuples():
+        beaten = ((front["num_params"] <= row.num_params) & (front["best_val_mae_meV_mean"] < row.best_val_mae_meV_mean)).any()
+        assert row.on_front == (not beaten)
+
+
+def _configurations() -> pd.DataFrame:
+    return pd.DataFrame({
+        "configuration": ["l=0", "l=0,1"], "n_completed": [2, 2],
+        "best_val_mae_meV_mean": [50.0, 40.0], "best_val_mae_meV_sd": [1.0, 2.0],
+        "test_mae_meV_mean": [45.0, 55.0], "test_mae_meV_sd": [1.5, math.nan],
+        "baseline_test_mae_meV_mean": [900.0, 900.0], "test_over_baseline_mean": [0.05, 0.061],
+    })
+
+
+def test_findings_say_nothing_is_significant_when_nothing_is():
+    correlations = pd.DataFrame({"block": ["l1"], "score": ["norm_share"], "rho": [0.4], "q_rho": [0.3]})
+    estimate = pd.Series({"effect_meV": 2.0, "lo_meV": -3.0, "hi_meV": 7.0})
+    sentences = findings.finding_sentences(["including l=1 changed test MAE by +2.0 meV"], {1: ("paired", estimate)},
+                                           pd.DataFrame({"parameter": ["include_l1"], "importance": [1.0]}), 2,
+                                           _configurations(), correlations, 0.05)
+    assert sentences[0].startswith("Including l=1")
+    # The validation winner is named with its (worse) test MAE.
+    assert any(s.startswith("Best on validation: l=0,1 (val MAE 40.0 meV") and "test MAE 55.0 meV" in s for s in sentences)
+    assert sentences[-1].startswith("Nothing is significant after correction")
+
+
+def test_findings_name_what_is_significant_after_correction():
+    correlations = pd.DataFrame({"block": ["l1", "l2"], "score": ["norm_share", "knn_nsps"], "rho": [0.9, 0.2], "q_rho": [0.01, 0.4]})
+    clear = pd.Series({"effect_meV": 9.0, "lo_meV": 4.0, "hi_meV": 14.0})
+    sentences = findings.finding_sentences([], {1: ("regression", clear)}, pd.DataFrame(columns=["parameter", "importance"]), 0,
+                                           _configurations(), correlations, 0.05)
+    text = " ".join(sentences)
+    assert "1 of 2 score-error correlations are significant" in text and "l1/norm_share (rho +0.90)" in text
+    assert "l=1 (regression)" in text and "Nothing is significant" not in text
+
+
+def test_configuration_errors_show_mean_sd_and_n_ranked_on_validation():
+    table = findings.configuration_errors(_configurations())
+    assert list(table["configuration"]) == ["l=0,1", "l=0"]
+    assert list(table["n"]) == [2, 2]
+    assert list(table["val MAE (meV)"]) == ["40.0 ± 2.0", "50.0 ± 1.0"]
+    assert list(table["test MAE (meV)"]) == ["55.0", "45.0 ± 1.5"]  # no sd where seeds did not give one
