@@ -371,7 +371,8 @@ class _Findings:
             ("Findings",
              "Parameter importance: Optuna's fANOVA over every configuration of the study "
              f"({self.importance_n}), early-stopped ones at the epoch where they stopped, valued at the mean over seeds "
-             "of the last validation MAE; include_l<k>: whether the l set holds k." + left_out + " " + listed +
+             f"of the last validation MAE; mean, min and max over {found.FOREST_SEEDS} random-forest seeds and how often "
+             "each parameter came first; include_l<k>: whether the l set holds k." + left_out + " " + listed +
              " Pareto front: configurations no other beats on both mean validation MAE and parameter count.",
              [("importance", self.importance, "Importance of each varied parameter for the validation MAE"),
               ("findings_configurations", shown, "Configurations ranked on validation MAE"),

@@ -827,6 +827,7 @@ def run_sweep(
         outcome.unsynced = _end_interrupted(tracking_uri, record, len(unfinished), log)
         return outcome
     write_state(record, space, tracking_uri, finished=True)
+    _fail_orphaned_optuna_trials(record, log)
     # One pass: replay the trials' journals, then (only when nothing is left pending) end orphaned
     # runs and the parent run.
     outcome.unsynced = finish_tracking(tracking_uri, record, log, final=True)
@@ -848,6 +849,32 @@ def check_optuna_storage(space: SearchSpace, resume: bool, url: str | None) -> N
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UserError(f"--optuna-storage {tracking.redact(url)}: Optuna cannot open it ({reason})") from None
+
+
+ORPHANED_OPTUNA_REASON = "proposed by a driver that stopped before Ray Tune saved the trial; the resumed sweep did not run it"
+
+
+def _fail_orphaned_optuna_trials(record: SweepRecord, log: Callable[[str], None]) -> None:
+    """At the end of a sweep, Optuna trials still RUNNING in its study were asked for by a driver
+    that was killed before Ray saved them (the resumed searcher does not know them): marked FAIL
+    with the reason, so optuna-dashboard and `optuna.load_study` show no trial running forever."""
+    if not record.optuna_storage or not record.optuna_study:
+        return
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=record.optuna_study, storage=record.optuna_storage)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for trial in running:
+            # The reason shows in optuna-dashboard; Optuna's public API sets user attributes only
+            # through a live Trial, so through the storage, as Optuna's own stale-trial check does.
+            study._storage.set_trial_user_attr(trial._trial_id, "irrep_study.reason", ORPHANED_OPTUNA_REASON)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    except Exception as exc:  # a convenience: the sweep's results are in MLflow either way
+        log(f"could not close the Optuna study's orphaned trials ({type(exc).__name__})")
+        return
+    if running:
+        log(f"optuna study {record.optuna_study!r}: {len(running)} trial(s) proposed before a driver stopped, never run, marked FAIL")
 
 
 def _new_sweep(storage: Path, space: SearchSpace, tracking_uri: str, experiment: str, log: Callable[[str], None],

@@ -119,6 +119,15 @@ def test_killed_driver_then_resume_completes_the_study_without_duplicate_runs(qm
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # The resumed sweep went on with the same Optuna study in the sweep's folder: one completed
+    # Optuna trial per configuration, told what its run logged last.
+    import optuna
+
+    study = optuna.load_study(study_name=report["optuna_study"], storage=report["optuna_storage"])
+    told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    logged = sorted(max(client.get_metric_history(r.info.run_id, "val_mae_meV"), key=lambda m: m.step).value for r in finished)
+    assert told == pytest.approx(logged), [(t.number, t.state, t.value) for t in study.trials]
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
 def test_mlflow_outage_mid_sweep_is_journaled_and_synced_afterwards(qm9, qm9_cache_dir, tmp_path):

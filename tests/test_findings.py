@@ -47,6 +47,18 @@ def test_importance_covers_every_configuration_and_finds_the_parameter_that_matt
     importance = findings.parameter_importance(study)
     assert list(importance["parameter"]) == ["lr", "include_l1"]
     assert importance["importance"].sum() == pytest.approx(1.0) and importance["importance"].iloc[0] > 0.9
+    assert importance["first_in_seeds"].tolist() == [findings.FOREST_SEEDS, 0]  # first with every forest seed
+    assert (importance["importance_min"] <= importance["importance"]).all() and (importance["importance"] <= importance["importance_max"]).all()
+    sentence = findings.finding_sentences([], {}, importance, 12, _configurations(), pd.DataFrame(columns=["q_rho"]), 0.05)[1]
+    assert sentence.startswith("Of the 2 varied parameters, lr explains most of the validation MAE across 12 configurations")
+
+
+def test_an_importance_ranking_that_changes_with_the_forest_seed_is_not_called_a_finding():
+    unstable = pd.DataFrame({"parameter": ["lr", "include_l3"], "importance": [0.34, 0.30], "importance_min": [0.2, 0.25],
+                             "importance_max": [0.4, 0.36], "first_in_seeds": [3, 2]})
+    sentence = findings.finding_sentences([], {}, unstable, 10, _configurations(), pd.DataFrame(columns=["q_rho"]), 0.05)[1]
+    assert sentence.startswith("No varied parameter consistently explains most of the validation MAE across 10 configurations")
+    assert "first lr in 3, include_l3 in 2 of 5 seeds" in sentence and "explains most" not in sentence.replace("consistently explains most", "")
 
 
 def test_the_pareto_front_holds_exactly_the_configurations_nothing_beats_on_both():

@@ -285,6 +285,26 @@ def test_with_two_objectives_each_is_the_mean_over_the_seeds_of_a_proposal():
     assert [t.number for t in study.best_trials] == [0, 1]  # 0: lower error, 1: faster
 
 
+def test_optuna_trials_a_killed_driver_asked_for_are_failed_with_the_reason_when_the_sweep_ends(tmp_path):
+    import optuna
+
+    from study.journal import SweepRecord
+    from study.sweep import ORPHANED_OPTUNA_REASON, _fail_orphaned_optuna_trials
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    done = study.ask()
+    done.suggest_float("lr", 1e-3, 1e-2)
+    study.tell(done, 50.0)
+    study.ask().suggest_float("lr", 1e-3, 1e-2)  # asked, then the driver died: never told
+    said = []
+    _fail_orphaned_optuna_trials(SweepRecord(tmp_path, "e", "1", "p", url, "s"), said.append)
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert trials[0].value == 50.0 and trials[1].user_attrs["irrep_study.reason"] == ORPHANED_OPTUNA_REASON
+    assert said and "1 trial(s)" in said[0]
+
+
 @pytest.mark.parametrize("search, message", [
     ({"objectives": [{"metric": "num_params"}, {"metric": "val_mae_meV"}]}, "first objective must be val_mae_meV"),
     ({"objectives": [{"metric": "val_mae_meV"}, {"metric": "val_mae_meV"}]}, "named twice"),
