@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -42,9 +43,11 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
         scheduler={"type": "none"},
         resources={"cpus_per_trial": 1, "max_concurrent": 2},
     )
+    # One Optuna database for the cluster's sweeps (here a SQLite file outside the sweep's folder).
+    shared_optuna = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
     result = run_cli(
         "sweep", str(space), "--address", cluster.address, "--tracking-uri", mlflow_server.uri,
-        "--storage", str(tmp_path / "ray_results"), "--json", check_exit=0, env=cluster.client_env,
+        "--storage", str(tmp_path / "ray_results"), "--optuna-storage", shared_optuna, "--json", check_exit=0, env=cluster.client_env,
     )
     report = json.loads(result.stdout)
     assert len(report["trials"]) == 4
@@ -97,8 +100,11 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
     # So does Optuna's: one trial per configuration (one seed here), told its last validation MAE.
     import optuna
 
-    study = optuna.load_study(study_name=report["optuna_study"], storage=report["optuna_storage"])
+    assert report["optuna_storage"] == shared_optuna and report["optuna_study"] == Path(report["path"]).name
+    assert not (Path(report["path"]) / "optuna.db").exists()
+    study = optuna.load_study(study_name=report["optuna_study"], storage=shared_optuna)
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(frame["val_mae_meV"]))
+    assert parents[0].data.tags["irrep_study.optuna_study"] == report["optuna_study"]
 
     # `best` ranks the same runs and exports a config that `train` accepts.
     ranked = run_cli(
