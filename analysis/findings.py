@@ -216,10 +216,18 @@ def pareto_figure(front: pd.DataFrame, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------- sentences
 
 
-def significant_correlations(correlations: pd.DataFrame, level: float) -> pd.DataFrame:
+def tested_correlations(correlations: pd.DataFrame) -> pd.DataFrame:
+    """The score-error correlations that were tested: those with a Benjamini-Hochberg q (a score
+    without a finite rho, e.g. one that does not vary, has none)."""
     if correlations.empty or "q_rho" not in correlations:
         return correlations.iloc[0:0]
-    return correlations[correlations["q_rho"] < level]
+    return correlations[pd.to_numeric(correlations["q_rho"], errors="coerce").notna()]
+
+
+def significant_correlations(correlations: pd.DataFrame, level: float) -> pd.DataFrame:
+    """The tested correlations significant after correction: q below `level`."""
+    tested = tested_correlations(correlations)
+    return tested[tested["q_rho"].astype(float) < level]
 
 
 def clear_ablation_effects(estimates: dict[int, tuple[str, pd.Series]]) -> dict[int, tuple[str, pd.Series]]:
@@ -263,22 +271,23 @@ def finding_sentences(ablation_sentences: list[str], estimates: dict[int, tuple[
             f"Best on validation: {best['configuration']} (val MAE {best['best_val_mae_meV_mean']:.1f} meV over "
             f"{int(best['n_completed'])} seed(s)); its test MAE {best['test_mae_meV_mean']:.1f} meV{versus}."
         )
+    tested = len(tested_correlations(correlations))
     significant = significant_correlations(correlations, level)
     clear = clear_ablation_effects(estimates)
     if significant.empty and not clear:
         sentences.append(
             f"Nothing is significant after correction: no score correlates with test MAE at Benjamini-Hochberg "
-            f"q < {level:g} ({len(correlations)} tested), and no ablation effect's 95% interval excludes zero."
+            f"q < {level:g} ({tested} tested), and no ablation effect's 95% interval excludes zero."
         )
     else:
         if len(significant):
             sentences.append(
-                f"{len(significant)} of {len(correlations)} score-error correlations are significant after "
+                f"{len(significant)} of {tested} score-error correlations are significant after "
                 f"Benjamini-Hochberg correction (q < {level:g}): "
                 + ", ".join(f"{r.block}/{r.score} (rho {r.rho:+.2f})" for r in significant.itertuples()) + "."
             )
         else:
-            sentences.append(f"No score correlates with test MAE at Benjamini-Hochberg q < {level:g} ({len(correlations)} tested).")
+            sentences.append(f"No score correlates with test MAE at Benjamini-Hochberg q < {level:g} ({tested} tested).")
         if clear:
             sentences.append(
                 "Ablation effects whose 95% interval excludes zero (per l, not adjusted for the "

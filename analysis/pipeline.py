@@ -576,12 +576,12 @@ def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, secon
     }
     # A handful of summary metrics, not one per score: hundreds of them made the experiment's chart
     # view open on the analysis instead of the trials' curves. Every number is in the CSV artifacts.
-    q_values = pd.to_numeric(outcome.correlations["q_rho"], errors="coerce") if len(outcome.correlations) else pd.Series(dtype=float)
     metrics = {
         "trials_analysed": float(len(study.trials)),
         "configurations_compared": float(params["configurations_compared"]),
-        "correlations_tested": float(q_values.notna().sum()),
-        "significant_correlations": float((q_values < SIGNIFICANCE).sum()),
+        # The report's findings count them the same way (analysis/findings.py).
+        "correlations_tested": float(len(found.tested_correlations(outcome.correlations))),
+        "significant_correlations": float(len(found.significant_correlations(outcome.correlations, SIGNIFICANCE))),
         "analysis_seconds": seconds,
     }
     for l, (method, row) in headline_estimates(outcome.ablation).items():

@@ -85,7 +85,9 @@ def _configurations() -> pd.DataFrame:
 
 
 def test_findings_say_nothing_is_significant_when_nothing_is():
-    correlations = pd.DataFrame({"block": ["l1"], "score": ["norm_share"], "rho": [0.4], "q_rho": [0.3]})
+    # The second score did not vary (no rho, no q): it was not tested and is not counted as tested.
+    correlations = pd.DataFrame({"block": ["l1", "l2"], "score": ["norm_share", "dead_fraction"], "rho": [0.4, math.nan],
+                                 "q_rho": [0.3, math.nan]})
     estimate = pd.Series({"effect_meV": 2.0, "lo_meV": -3.0, "hi_meV": 7.0})
     sentences = findings.finding_sentences(["including l=1 changed test MAE by +2.0 meV"], {1: ("paired", estimate)},
                                            pd.DataFrame({"parameter": ["include_l1"], "importance": [1.0]}), 2,
@@ -93,7 +95,7 @@ def test_findings_say_nothing_is_significant_when_nothing_is():
     assert sentences[0].startswith("Including l=1")
     # The validation winner is named with its (worse) test MAE.
     assert any(s.startswith("Best on validation: l=0,1 (val MAE 40.0 meV") and "test MAE 55.0 meV" in s for s in sentences)
-    assert sentences[-1].startswith("Nothing is significant after correction")
+    assert sentences[-1].startswith("Nothing is significant after correction") and "(1 tested)" in sentences[-1]
 
 
 def test_findings_name_what_is_significant_after_correction():
