@@ -48,7 +48,7 @@ from study.data import CollatedSplit, QM9Dataset, QM9Tensors, split_indices, tar
 from study.errors import UserError
 from study.fast_tp import fully_connected_paths
 from study.irreps import validate_l_values
-from study.model import BACKENDS, IrrepConvModel
+from study.model import BACKENDS, IrrepConvModel, make_optimizer
 
 BENCH_FORMAT = 2
 LMAX_SWEEP_HIDDEN = 16
@@ -290,7 +290,7 @@ def bench_case(
     batches = _batches(tensors, case, batch_size, warmup + repeats, device)
     models = _models(case, device, backends)
     column = target_index("U0_atom")
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in models.items()}
+    optimizers = {name: make_optimizer(model, lr=1e-3) for name, model in models.items()}
     with torch.no_grad():
         first = {name: model(batches[0]) for name, model in models.items()}
     scale = first["e3nn"].abs().max()
@@ -406,7 +406,7 @@ def run_bench(
         loading = data_loading(QM9Dataset(tensors, pool, edges=edges), batch_size, device)
         report["data_loading"][edges] = loading
         log(f"data loading ({edges}): {loading['molecules_per_s']:.0f} molecules/s collated "
-            f"(once: {loading['collate_seconds']:.2f} s), {loading['dataloader_molecules_per_s']:.0f} through the PyG DataLoader")
+            f"(once: {loading['collate_seconds'] * 1000:.1f} ms), {loading['dataloader_molecules_per_s']:.0f} through the PyG DataLoader")
     for case in cases:
         log(f"config {case.name} ({case.num_layers} layers, {case.edges} edges)")
         report["configs"].append(bench_case(case, tensors, repeats, warmup, batch_size, device, log, backends))
@@ -513,7 +513,7 @@ def format_table(report: dict) -> str:
     for edges, loading in report["data_loading"].items():
         lines.append(
             f"data loading ({edges}): {loading['molecules_per_s']:.0f} molecules/s from the collated split "
-            f"(collated once in {loading['collate_seconds']:.2f} s for {loading['molecules']} molecules); "
+            f"(collated once in {loading['collate_seconds'] * 1000:.1f} ms for {loading['molecules']} molecules); "
             f"PyG DataLoader {loading['dataloader_molecules_per_s']:.0f} molecules/s"
         )
     return render_text(*lines, _backend_table("training steps", report["configs"], report["backends"], ("config", lambda c: c["name"])))

@@ -7,18 +7,29 @@ its last linear layer ``[H, weight_numel]``):
 
 e3nn evaluates this path by path (106 paths for l <= 6), each as an einsum over an outer product
 of the inputs, and its backward adds a zero-filled full-size gradient per sliced input. Here the
-same function is a handful of dense ops per (input irrep i1, output irrep o) pair with P paths:
+same function is a few dense ops per (input irrep i1, output irrep o) pair with P paths, k = 2 l_o + 1:
 
 1. ``B = x2[:, rows] @ G``: the spherical harmonics times a precomputed ``[rows, k * P * d1]``
    constant holding the P paths' Clebsch-Gordan blocks (e3nn's ``wigner_3j``) times e3nn's path
    normalisation; ``rows`` is a contiguous range of x2 (see ``_x2_order``).
 2. ``T = B @ x1_i1^T``: ``[E, k * P, u]`` = ``[E, k, P * u]``, every path's coupled input.
-3. ``W = scale * hidden @ M_pair``: ``[E, P * u, w]``, the pair's per-edge weights only, one
-   GEMM per pair so each block is still in cache when it is used (never the whole ``[E, weight_numel]``).
+3. ``W = scale * hidden @ M_pair``: ``[E, P * u, w]``, the pair's per-edge weights only (never
+   the whole ``[E, weight_numel]``).
 4. ``out_o^T += T @ W``: ``[E, k, w]``; summed over the inputs feeding o.
 
-Fusing the MLP's last layer further (``(hidden (x) T) @ M``, which never forms W) costs k times the
-FLOPs of forming W; for k = 1 it costs the same and measured no faster, so W is formed everywhere.
+Small models are bound by the number of operations (each batched matmul over ~1,200 tiny
+per-edge matrices costs ~0.1 ms whatever its FLOPs), large ones by memory traffic. So:
+
+- the pairs of one input share steps 1-2 (one GEMM, one bmm) while B stays under
+  ``MERGE_B_FLOATS`` per edge, and the pairs of one output share steps 3-4 while their W stays
+  under ``MERGE_W_FLOATS`` per edge (in cache when the bmm reads it);
+- a scalar output (k = 1) never forms W: ``out = sum_h hidden[e, h] (T @ M')[e, h, :]`` with
+  ``M'`` ``[P * u, H * w]`` is one large GEMM of the same FLOPs (for k > 1 it costs k H / (H + k)
+  times W's FLOPs, measured slower);
+- an input of dimension 1 (l1 = 0) with multiplicity >= ``FACTOR_MIN_MUL`` (the input block's
+  atom embedding) is factored: its Clebsch-Gordan block is the identity over sqrt(k), so a path's
+  message is ``c x2_p[e, k] s_p[e, w]`` with ``s = sum_h hidden[e, h] (x1 @ M')[e, h, :]``, one
+  GEMM for all its paths and no per-edge matrix at all.
 
 The parameters stay where they are (the block keeps e3nn's ``FullyConnectedNet``), and this module
 registers exactly the buffers e3nn's tensor product has (``weight``, ``output_mask`` and the
@@ -30,11 +41,30 @@ constants are stored in the default dtype at construction: build under
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from e3nn import o3
 from torch import Tensor, nn
+
+
+# Strategy thresholds (module doc), measured on 2 CPU cores: [0,1,2] x 8 and [0,1,2,3] x 8 gain
+# from merging, [0..6] x 16 loses past these; a factored input of multiplicity 8 gained nothing.
+MERGE_B_FLOATS = 4096
+MERGE_W_FLOATS = 1024
+FACTOR_MIN_MUL = 16
+
+
+def _chunks(items: list, size: Callable[[list], int], limit: int | None) -> list[list]:
+    """Consecutive runs of ``items``, each grown while ``size(run) <= limit`` (no limit: one run)."""
+    runs: list[list] = []
+    for item in items:
+        if runs and (limit is None or size(runs[-1] + [item]) <= limit):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 @dataclass(frozen=True)
@@ -155,33 +185,108 @@ class FusedRadialTensorProduct(nn.Module):
         def paths_between(i1: int, i_out: int) -> list[TensorProductPath]:
             return [p for p in paths if (p.i_in1, p.i_out) == (i1, i_out)]  # e3nn's order: by i2
 
-        # Step 1 (Clebsch-Gordan): for each (i1, output) pair with P paths, B = x2[:, rows] @ G is
-        # [E, k * P, d1] and T = B @ x1_i1^T is [E, k * P, u].
-        # (i_out, [(i1, indices of its P paths in `paths`, x2 row range, G buffer)]) per output.
-        self._plan: list[tuple[int, list[tuple[int, list[int], tuple[int, int], str]]]] = []
-        for i_out, (_, ir_out) in enumerate(self.irreps_out):
-            feeding = []
-            for i1, (_, ir1) in enumerate(self.irreps_in1):
-                group = paths_between(i1, i_out)
-                if not group:
-                    continue
-                first = min(in2_offsets[p.i_in2] for p in group)
-                last = max(in2_offsets[p.i_in2] + self.irreps_in2[p.i_in2].ir.dim for p in group)
-                # [rows, k, P, d1]: row j of G multiplies the reordered x2[e, first + j].
-                g = torch.zeros(last - first, ir_out.dim, len(group), ir1.dim, dtype=torch.float64)
-                for a, p in enumerate(group):
-                    cg = p.coefficient * clebsch_gordan(p.l1, p.l2, p.l_out)  # [d1, d2, k]
-                    start = in2_offsets[p.i_in2] - first
-                    g[start : start + cg.shape[1], :, a, :] = cg.permute(1, 2, 0)
-                name = f"_cg_{i1}_{i_out}"
-                self.register_buffer(name, g.reshape(last - first, -1).to(torch.get_default_dtype()), persistent=False)
-                feeding.append((i1, [paths.index(p) for p in group], (first, last), name))
-            if feeding:
-                self._plan.append((i_out, feeding))
-        # linear's columns per path, in e3nn's order: [u, w] blocks. Paths of zero size (skipped
-        # above) have zero columns, so splitting by all paths' sizes lines up with `paths`.
-        self._path_sizes = [p.weight_numel for p in all_paths]
-        self._kept_paths = [k for k, p in enumerate(all_paths) if p.weight_numel > 0]
+        # linear's columns per path, in e3nn's order: [u, w] blocks, the path's at weight_start.
+        def columns(group: list[TensorProductPath], order: str) -> Tensor:
+            """Indices into linear's columns: the group's [H, u, w] blocks in (path, u, w) order, or
+            in (u, path, w) order (every path of the group has the same u)."""
+            blocks = [torch.arange(p.weight_start, p.weight_start + p.weight_numel).view(p.mul_in1, p.mul_out) for p in group]
+            if order == "path_u_w":
+                return torch.cat([b.reshape(-1) for b in blocks])
+            return torch.cat(blocks, dim=1).reshape(-1)
+
+        column_parts: list[Tensor] = []
+
+        def take_columns(indices: Tensor) -> int:
+            """Registers a group's column indices; returns its block's index in forward's split."""
+            column_parts.append(indices)
+            return len(column_parts) - 1
+
+        # Inputs of dimension 1 (l1 = 0): the Clebsch-Gordan block is the identity over sqrt(k), so a
+        # path's message factors, c * x2_p[e, k] * s_p[e, w] with s_p = sum_(u, h) x1[e, u] hidden[e, h]
+        # M_p[h, u, w]; one GEMM x1 @ [u, H * (all of its paths' w)] serves all its paths, and no
+        # per-edge matrix is formed. (i1, linear's columns in (u, path, w) order, per path: i_out,
+        # its x2 rows, constant, w.)
+        self._factor_plan: list[tuple[int, int, list[tuple[int, tuple[int, int], float, int]]]] = []
+
+        def factored(mul1: int, ir1: o3.Irrep) -> bool:
+            # Below FACTOR_MIN_MUL the separate GEMM and contraction cost more operations than
+            # they save: such an input joins the others (its T is an outer product).
+            return ir1.dim == 1 and mul1 >= FACTOR_MIN_MUL
+
+        for i1, (mul1, ir1) in enumerate(self.irreps_in1):
+            group = [p for p in paths if p.i_in1 == i1] if factored(mul1, ir1) else []
+            if not group:
+                continue
+            block = take_columns(columns(group, "u_path_w"))
+            terms = []
+            for p in group:
+                first = in2_offsets[p.i_in2]
+                dim = self.irreps_in2[p.i_in2].ir.dim
+                terms.append((p.i_out, (first, first + dim), p.coefficient / math.sqrt(dim), p.mul_out))
+            self._factor_plan.append((i1, block, terms))
+
+        # The other inputs, per (i1, output) pair with P paths: B = x2[:, rows] @ G is [E, k * P, d1]
+        # and T = B @ x1_i1^T is [E, k * P, u], every path's coupled input, rows (k, path). Pairs of
+        # one input are merged into one GEMM and one bmm while B stays small (small models are
+        # bound by the number of operations; large ones by B's zeros and by cache).
+        # (i1, x2 row range, G buffer, [(i_out, P)] in row order)
+        self._couple_plan: list[tuple[int, tuple[int, int], str, list[tuple[int, int]]]] = []
+
+        def rows_of(pairs: list[tuple[int, list[TensorProductPath]]]) -> tuple[int, int]:
+            reached = [p for _, group in pairs for p in group]
+            return (
+                min(in2_offsets[p.i_in2] for p in reached),
+                max(in2_offsets[p.i_in2] + self.irreps_in2[p.i_in2].ir.dim for p in reached),
+            )
+
+        def b_size(pairs: list[tuple[int, list[TensorProductPath]]]) -> int:
+            """Floats per edge of the merged pairs' B: rows x (k P over the pairs) x d1."""
+            first, last = rows_of(pairs)
+            dim1 = self.irreps_in1[pairs[0][1][0].i_in1].ir.dim
+            return (last - first) * sum(self.irreps_out[i_out].ir.dim * len(group) for i_out, group in pairs) * dim1
+
+        for i1, (mul1, ir1) in enumerate(self.irreps_in1):
+            if factored(mul1, ir1):
+                continue
+            pairs = [(i_out, paths_between(i1, i_out)) for i_out in range(len(self.irreps_out))]
+            for chunk in _chunks([(i_out, group) for i_out, group in pairs if group], b_size, MERGE_B_FLOATS):
+                first, last = rows_of(chunk)
+                blocks = []
+                for i_out, group in chunk:
+                    # [rows, k, P, d1]: row j multiplies the reordered x2[e, first + j].
+                    g = torch.zeros(last - first, self.irreps_out[i_out].ir.dim, len(group), ir1.dim, dtype=torch.float64)
+                    for a, p in enumerate(group):
+                        cg = p.coefficient * clebsch_gordan(p.l1, p.l2, p.l_out)  # [d1, d2, k]
+                        start = in2_offsets[p.i_in2] - first
+                        g[start : start + cg.shape[1], :, a, :] = cg.permute(1, 2, 0)
+                    blocks.append(g.reshape(last - first, -1))
+                name = f"_cg_{i1}_{chunk[0][0]}"
+                self.register_buffer(name, torch.cat(blocks, dim=1).to(torch.get_default_dtype()), persistent=False)
+                self._couple_plan.append((i1, (first, last), name, [(i_out, len(group)) for i_out, group in chunk]))
+
+        # Per output, its pieces of T (index in _couple_plan, index of the piece) in groups that
+        # share one weight GEMM and one bmm, each with its paths' columns of linear in the same
+        # (path, u) order. A scalar output forms no weights: one group. Otherwise a group's
+        # per-edge weights [P * u, w] stay small enough to be in cache when the bmm reads them.
+        self._plan: list[tuple[int, list[tuple[int, list[tuple[int, int]]]]]] = []
+        for i_out, (mul_out, ir_out) in enumerate(self.irreps_out):
+            pieces = [
+                ((c, piece), paths_between(i1, i_out))
+                for c, (i1, _, _, outputs) in enumerate(self._couple_plan)
+                for piece, (reached, _) in enumerate(outputs)
+                if reached == i_out
+            ]
+            limit = None if ir_out.dim == 1 else MERGE_W_FLOATS
+            groups = []
+            for chunk in _chunks(pieces, lambda chunk: sum(p.weight_numel for _, group in chunk for p in group), limit):
+                block = take_columns(columns([p for _, group in chunk for p in group], "path_u_w"))
+                groups.append((block, [piece for piece, _ in chunk]))
+            if groups:
+                self._plan.append((i_out, groups))
+
+        all_columns = torch.cat(column_parts) if column_parts else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("_columns", all_columns, persistent=False)
+        self._column_sizes = [len(part) for part in column_parts]
 
     def _register_e3nn_buffers(self, paths: list[TensorProductPath]) -> None:
         """The buffers of ``o3.FullyConnectedTensorProduct(..., shared_weights=False)``, same names,
@@ -206,44 +311,65 @@ class FusedRadialTensorProduct(nn.Module):
 
         ``hidden`` is ``[E, H]``, ``linear`` is ``[H, weight_numel]`` in e3nn's weight layout.
         """
-        num_edges = x1.shape[0]
+        num_edges, num_hidden = hidden.shape
         # torch.split, never slicing, on tensors that need gradients: the backward of a slice
         # allocates and zero-fills a tensor of the whole input's size, per slice.
-        x1_t = [  # [E, d1, u] per input irrep
-            block.reshape(num_edges, mul, dim).transpose(1, 2)
-            for block, (mul, dim) in zip(torch.split(x1, [m * d for m, d in self._in1_shapes], dim=1), self._in1_shapes)
-        ]
+        x1_blocks = torch.split(x1, [m * d for m, d in self._in1_shapes], dim=1)
         x2 = x2.index_select(1, self._x2_order)
         hidden = hidden * scale
-        # [H, mul1 * mul_out] per kept path: its columns of the radial MLP's last layer.
-        all_m = torch.split(linear, self._path_sizes, dim=1)
-        m_of_path = [all_m[k] for k in self._kept_paths]
 
+        # e3nn's layout of an output block is multiplicity-major: [E, w, k]; summed over its paths.
         produced: dict[int, Tensor] = {}
-        for i_out, feeding in self._plan:
+
+        def add(i_out: int, block: Tensor) -> None:
+            produced[i_out] = block if i_out not in produced else produced[i_out] + block
+
+        # Every group's columns of linear at once (one gather, one scatter in backward), in plan order.
+        blocks = torch.split(linear.index_select(1, self._columns), self._column_sizes, dim=1)
+        for i1, block, terms in self._factor_plan:
+            # s [E, all paths' w] = sum_h hidden[e, h] * (x1 @ M')[e, h, :]: one GEMM for all paths.
+            m = blocks[block].view(num_hidden, x1_blocks[i1].shape[1], -1)
+            z = x1_blocks[i1] @ m.transpose(0, 1).reshape(m.shape[1], -1)
+            s = (z.view(num_edges, num_hidden, m.shape[2]) * hidden.unsqueeze(2)).sum(1)
+            for (i_out, (first, last), constant, mul_out), s_path in zip(terms, torch.split(s, [t[3] for t in terms], dim=1)):
+                add(i_out, (s_path * constant).unsqueeze(2) * x2[:, first:last].unsqueeze(1))
+
+        # 1. T per input irrep, split per output: [E, k * P, u] pieces, rows (k, path).
+        coupled = []
+        for i1, (first, last), g_name, outputs in self._couple_plan:
+            mul1, dim1 = self._in1_shapes[i1]
+            x1_t = x1_blocks[i1].view(num_edges, mul1, dim1).transpose(1, 2)  # [E, d1, u]
+            g = getattr(self, g_name)
+            b = (x2[:, first:last] @ g).view(num_edges, g.shape[1] // dim1, dim1)
+            t = b * x1_t if dim1 == 1 else torch.bmm(b, x1_t)  # bmm with an inner size of 1 is slow
+            sizes = [self._out_shapes[i_out][1] * num_paths for i_out, num_paths in outputs]
+            coupled.append(torch.split(t, sizes, dim=1) if len(sizes) > 1 else [t])
+
+        for i_out, groups in self._plan:
             mul_out, dim_out = self._out_shapes[i_out]
-            out_t = None  # out^T [E, k, w], summed over the input irreps feeding this output
-            for i1, members, (first, last), g in feeding:
-                mul1, dim1 = self._in1_shapes[i1]
-                rows = len(members) * mul1
-                # 1. T [E, k * P, u]: the CG contraction of every path (i1, *) -> i_out, with its
-                #    coefficient, rows ordered (k, path) so that T viewed [E, k, P * u] meets W.
-                b = (x2[:, first:last] @ getattr(self, g)).view(num_edges, dim_out * len(members), dim1)
-                if dim1 == 1:
-                    t = b * x1_t[i1]  # an outer product; bmm with an inner size of 1 is slower
-                else:
-                    t = torch.bmm(b, x1_t[i1])
-                t = t.view(num_edges, dim_out, rows)
-                # 2. W [E, P * u, w] from one GEMM per (i1, output) pair: small enough to still be
-                #    in cache when the bmm reads it, and rows (path, u) in e3nn's weight layout.
-                m = m_of_path[members[0]] if len(members) == 1 else torch.cat([m_of_path[k] for k in members], dim=1)
-                w = (hidden @ m).view(num_edges, rows, mul_out)
+            out_t = None  # out^T [E, k, w], summed over the groups
+            for block, pieces in groups:
+                # T [E, k, P * u] of the group's paths, columns (input, path, u).
+                # (Explicit sizes, never -1: a batch may have no edges.)
+                parts = [coupled[c][piece] for c, piece in pieces]
+                parts = [part.reshape(num_edges, dim_out, part.shape[1] * part.shape[2] // dim_out) for part in parts]
+                t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+                # 2. The group's columns of the radial MLP's last layer, [H, P * u, w].
+                m = blocks[block].view(num_hidden, t.shape[2], mul_out)
+                if dim_out == 1:
+                    # A scalar output: out = sum_h hidden[e, h] (T @ M')[e, h, :] with M' [P * u, H * w],
+                    # one large GEMM; per-edge weights would cost as many FLOPs, in small bmms.
+                    z = t.reshape(num_edges, t.shape[2]) @ m.transpose(0, 1).reshape(t.shape[2], -1)
+                    add(i_out, (z.view(num_edges, num_hidden, mul_out) * hidden.unsqueeze(2)).sum(1, keepdim=True).transpose(1, 2))
+                    continue
+                # W [E, P * u, w], the group's per-edge weights: out^T += T @ W.
+                w = (hidden @ m.view(num_hidden, -1)).view(num_edges, t.shape[2], mul_out)
                 out_t = torch.bmm(t, w) if out_t is None else torch.baddbmm(out_t, t, w)
-            # e3nn's layout of a block is multiplicity-major: [E, w, k].
-            produced[i_out] = out_t.transpose(1, 2).reshape(num_edges, mul_out * dim_out)
+            if out_t is not None:
+                add(i_out, out_t.transpose(1, 2))
         # Outputs without any path are zero, as in e3nn.
         full = [
-            produced[i_out] if i_out in produced else x1.new_zeros(num_edges, mul * dim)
+            produced[i_out].reshape(num_edges, mul * dim) if i_out in produced else x1.new_zeros(num_edges, mul * dim)
             for i_out, (mul, dim) in enumerate(self._out_shapes)
         ]
         return torch.cat(full, dim=1) if len(full) > 1 else full[0]

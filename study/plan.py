@@ -25,7 +25,7 @@ from study.config import TrialConfig
 from study.data import CollatedSplit, QM9Dataset, QM9Tensors, split_indices, target_index
 from study.resources import Estimate, available_bytes, estimate, gib
 from study.space import SearchSpace
-from study.model import build_model
+from study.model import build_model, make_optimizer
 from study.train import select_device
 
 WARMUP_STEPS = 2
@@ -71,7 +71,7 @@ def step_seconds(config: TrialConfig, tensors: QM9Tensors, steps: int) -> float:
     device = select_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr)
     column = target_index(config.target)
     dtype = next(model.parameters()).dtype
     batches = list(CollatedSplit(molecules, device).batches(config.batch_size))

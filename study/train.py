@@ -31,6 +31,7 @@ from study.model import (
     build_model,
     count_parameters,
     evaluation_pass,
+    make_optimizer,
     model_dtype,
     to_device,
 )
@@ -394,7 +395,7 @@ def _start_training(config: TrialConfig, data: TrialData, dtype: torch.dtype, de
     """The seeded model, its optimizer and schedule; continued from `state` when resuming."""
     torch.manual_seed(config.seed)
     model = build_model(config).to(device=device, dtype=dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(config, optimizer, math.ceil(len(data.train) / config.batch_size))
     training = _Training(model, optimizer, scheduler)
     if state is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
 
@@ -271,8 +272,8 @@ def test_collated_split_serves_the_data_loaders_batches(qm9, edges):
     # for batch (same molecules in the same order, same fields), or seeds would change meaning.
     indices = split_indices(len(qm9), seed=4, subset=300)["train"]
     dataset = QM9Dataset(qm9, indices, edges=edges)
-    collated = CollatedSplit(dataset)
-    for shuffle in (True, False):
+    # Gathered from QM9's tensors, and collated from Data graphs (any other dataset of graphs).
+    for collated, shuffle in itertools.product((CollatedSplit(dataset), CollatedSplit(list(dataset))), (True, False)):
         expected = DataLoader(dataset, batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(9))
         got = list(collated.batches(32, shuffle=shuffle, generator=torch.Generator().manual_seed(9)))
         assert len(got) == len(expected) == 8  # 240 molecules: the last batch is partial

@@ -16,6 +16,7 @@ from torch_geometric.loader import DataLoader
 
 from study.config import TrialConfig
 from study.data import QM9Dataset, split_indices
+from study import fast_tp
 from study.fast_tp import FusedRadialTensorProduct, fully_connected_paths
 from study.model import IrrepConvModel, default_dtype
 from study.model import build_model
@@ -108,7 +109,20 @@ def test_fast_matches_e3nn_on_a_radius_graph_at_default_depth(qm9_batches):
         assert relative_error(got[name], expected[name]) < 1e-10, name
 
 
-def test_tensor_product_matches_e3nn_on_irregular_irreps():
+# The fast tensor product's strategies, from its module constants: inputs of dimension 1 factored
+# out or coupled like the others; (input, output) pairs merged into few large operations or kept
+# one per pair (what large models use). Each must compute e3nn's function.
+STRATEGIES = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"FACTOR_MIN_MUL": 1, "MERGE_B_FLOATS": 0, "MERGE_W_FLOATS": 0}, id="factored-per-pair"),
+    pytest.param({"FACTOR_MIN_MUL": 10**9, "MERGE_B_FLOATS": 10**9, "MERGE_W_FLOATS": 10**9}, id="merged"),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tensor_product_matches_e3nn_on_irregular_irreps(monkeypatch, strategy):
+    for name, value in strategy.items():
+        monkeypatch.setattr(fast_tp, name, value)
     # Uneven multiplicities, both parities, an input order missing from the output, and an output
     # (1x5e) that no path reaches: e3nn leaves it zero.
     irreps_in1 = o3.Irreps("3x0e+2x1o+1x1e+4x2e")
@@ -117,6 +131,14 @@ def test_tensor_product_matches_e3nn_on_irregular_irreps():
     with default_dtype(torch.float64):
         reference = o3.FullyConnectedTensorProduct(irreps_in1, irreps_in2, irreps_out, shared_weights=False)
         fast = FusedRadialTensorProduct(irreps_in1, irreps_in2, irreps_out)
+    # The strategy took effect: the 3x0e input factored out or not; pairs merged or not.
+    assert len(fast._factor_plan) == (1 if strategy.get("FACTOR_MIN_MUL") == 1 else 0)
+    pairs = {(p.i_in1, p.i_out) for p in fully_connected_paths(irreps_in1, irreps_in2, irreps_out) if p.weight_numel}
+    coupled_pairs = len(pairs) - len({i_out for i1, i_out in pairs if i1 == 0} if fast._factor_plan else set())
+    if strategy.get("MERGE_B_FLOATS") == 0:
+        assert len(fast._couple_plan) == coupled_pairs
+    if strategy.get("MERGE_B_FLOATS") == 10**9:
+        assert len(fast._couple_plan) == len(irreps_in1)
     assert fast.weight_numel == reference.weight_numel
     assert [(p.i_in1, p.i_in2, p.i_out) for p in fully_connected_paths(irreps_in1, irreps_in2, irreps_out)] == [
         (ins.i_in1, ins.i_in2, ins.i_out) for ins in reference.instructions

@@ -14,9 +14,8 @@ from study.bench import PeakMemory, training_step
 from study.config import TrialConfig
 from study.data import CollatedSplit, QM9Dataset, split_indices, target_index
 from study.errors import UserError
-from study.model import count_parameters
+from study.model import build_model, count_parameters, make_optimizer
 from study.resources import check_fits, estimate, num_params
-from study.model import build_model
 
 
 @pytest.mark.parametrize(
@@ -38,7 +37,7 @@ def test_memory_estimate_is_near_the_measured_peak_of_a_training_step(qm9):
     config = TrialConfig(l_values=[0, 1, 2, 3], hidden_dim=16, num_layers=1, batch_size=64, subset=2000)
     found = estimate(config, qm9)
     model = build_model(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, lr=1e-3)
     indices = split_indices(len(qm9), seed=config.split_seed, fractions=(1.0, 0.0, 0.0), subset=config.subset)["train"]
     batches = list(CollatedSplit(QM9Dataset(qm9, indices[:128])).batches(64))
     column = target_index(config.target)
