@@ -400,7 +400,7 @@ class CollatedSplit:
         self.pos = t.pos[atoms]
         if dataset.edges == "bonds":
             self.local_edges, self.num_edges = _bond_edges(t, molecules)
-        else:
+        else:  # radius edges depend on each molecule's geometry: computed per molecule, as the dataset does
             starts = (torch.cumsum(self.num_atoms, 0) - self.num_atoms).tolist()
             per_molecule = [radius_edges(self.pos[start : start + n], dataset.cutoff) for start, n in zip(starts, self.num_atoms.tolist())]
             self.num_edges = torch.tensor([e.shape[1] for e in per_molecule], dtype=torch.int64)
