@@ -22,7 +22,9 @@ per-edge matrices costs ~0.1 ms whatever its FLOPs), large ones by memory traffi
 
 - the pairs of one input share steps 1-2 (one GEMM, one bmm) while B stays under
   ``MERGE_B_FLOATS`` per edge, and the pairs of one output share steps 3-4 while their W stays
-  under ``MERGE_W_FLOATS`` per edge (in cache when the bmm reads it);
+  under ``MERGE_W_FLOATS`` per edge (in cache when the bmm reads it); in a small block (all of B
+  under ``STACK_B_FLOATS``, inputs of one multiplicity) the inputs are stacked along d instead, so
+  that each output takes one GEMM and one bmm for steps 1-2 and needs no concatenation;
 - a scalar output (k = 1) never forms W: ``out = sum_h hidden[e, h] (T @ M')[e, h, :]`` with
   ``M'`` ``[P * u, H * w]`` is one large GEMM of the same FLOPs (for k > 1 it costs k H / (H + k)
   times W's FLOPs, measured slower);
@@ -50,9 +52,11 @@ from torch import Tensor, nn
 
 
 # Strategy thresholds (module doc), measured on 2 CPU cores: [0,1,2] x 8 and [0,1,2,3] x 8 gain
-# from merging, [0..6] x 16 loses past these; a factored input of multiplicity 8 gained nothing.
+# from merging, [0..6] x 16 loses past these; stacking gains 4% at [0,1,2] x 8 and loses 5% at
+# [0,1,2,3] x 8; a factored input of multiplicity 8 gained nothing.
 MERGE_B_FLOATS = 4096
 MERGE_W_FLOATS = 1024
+STACK_B_FLOATS = 4096
 FACTOR_MIN_MUL = 16
 
 
@@ -226,11 +230,15 @@ class FusedRadialTensorProduct(nn.Module):
             self._factor_plan.append((i1, block, terms))
 
         # The other inputs, per (i1, output) pair with P paths: B = x2[:, rows] @ G is [E, k * P, d1]
-        # and T = B @ x1_i1^T is [E, k * P, u], every path's coupled input, rows (k, path). Pairs of
-        # one input are merged into one GEMM and one bmm while B stays small (small models are
-        # bound by the number of operations; large ones by B's zeros and by cache).
-        # (i1, x2 row range, G buffer, [(i_out, P)] in row order)
-        self._couple_plan: list[tuple[int, tuple[int, int], str, list[tuple[int, int]]]] = []
+        # and T = B @ x1_i1^T is [E, k * P, u], every path's coupled input, rows (k, path). Pairs
+        # share these two operations (small models are bound by the number of operations; large
+        # ones by B's zeros and by cache): in a small block, all inputs of one multiplicity are
+        # stacked along d (x1^T [E, sum d1, u]) and each output takes one GEMM and one bmm, its
+        # G zero outside each path's own d1; otherwise the pairs of one input are merged while
+        # B stays under MERGE_B_FLOATS per edge.
+        # (inputs stacked, x2 row range, G buffer, [(i_out, P)] in row order)
+        self._couple_plan: list[tuple[tuple[int, ...], tuple[int, int], str, list[tuple[int, int]]]] = []
+        piece_paths: dict[tuple[int, int], list[TensorProductPath]] = {}  # (plan index, piece) -> paths
 
         def rows_of(pairs: list[tuple[int, list[TensorProductPath]]]) -> tuple[int, int]:
             reached = [p for _, group in pairs for p in group]
@@ -239,30 +247,52 @@ class FusedRadialTensorProduct(nn.Module):
                 max(in2_offsets[p.i_in2] + self.irreps_in2[p.i_in2].ir.dim for p in reached),
             )
 
-        def b_size(pairs: list[tuple[int, list[TensorProductPath]]]) -> int:
-            """Floats per edge of the merged pairs' B: rows x (k P over the pairs) x d1."""
+        def b_size(inputs: tuple[int, ...], pairs: list[tuple[int, list[TensorProductPath]]]) -> int:
+            """Floats per edge of B: rows x (k P over the pairs) x (d1 of the stacked inputs)."""
             first, last = rows_of(pairs)
-            dim1 = self.irreps_in1[pairs[0][1][0].i_in1].ir.dim
+            dim1 = sum(self.irreps_in1[i1].ir.dim for i1 in inputs)
             return (last - first) * sum(self.irreps_out[i_out].ir.dim * len(group) for i_out, group in pairs) * dim1
 
-        for i1, (mul1, ir1) in enumerate(self.irreps_in1):
-            if factored(mul1, ir1):
-                continue
-            pairs = [(i_out, paths_between(i1, i_out)) for i_out in range(len(self.irreps_out))]
-            for chunk in _chunks([(i_out, group) for i_out, group in pairs if group], b_size, MERGE_B_FLOATS):
-                first, last = rows_of(chunk)
-                blocks = []
-                for i_out, group in chunk:
-                    # [rows, k, P, d1]: row j multiplies the reordered x2[e, first + j].
-                    g = torch.zeros(last - first, self.irreps_out[i_out].ir.dim, len(group), ir1.dim, dtype=torch.float64)
-                    for a, p in enumerate(group):
-                        cg = p.coefficient * clebsch_gordan(p.l1, p.l2, p.l_out)  # [d1, d2, k]
-                        start = in2_offsets[p.i_in2] - first
-                        g[start : start + cg.shape[1], :, a, :] = cg.permute(1, 2, 0)
-                    blocks.append(g.reshape(last - first, -1))
-                name = f"_cg_{i1}_{chunk[0][0]}"
-                self.register_buffer(name, torch.cat(blocks, dim=1).to(torch.get_default_dtype()), persistent=False)
-                self._couple_plan.append((i1, (first, last), name, [(i_out, len(group)) for i_out, group in chunk]))
+        coupled_inputs = tuple(i1 for i1, (mul1, ir1) in enumerate(self.irreps_in1) if not factored(mul1, ir1))
+        per_output = [
+            (coupled_inputs, [(i_out, [p for p in paths if p.i_out == i_out and p.i_in1 in coupled_inputs])])
+            for i_out in range(len(self.irreps_out))
+        ]
+        per_output = [(inputs, pairs) for inputs, pairs in per_output if pairs[0][1]]
+        if (
+            len({self.irreps_in1[i1].mul for i1 in coupled_inputs}) == 1
+            and sum(b_size(inputs, pairs) for inputs, pairs in per_output) <= STACK_B_FLOATS
+            # an output's paths then share one weight GEMM, so its weights must stay small too
+            and all(
+                sum(p.weight_numel for p in pairs[0][1]) <= MERGE_W_FLOATS
+                for _, pairs in per_output
+                if self.irreps_out[pairs[0][0]].ir.dim > 1
+            )
+        ):
+            couplings = per_output
+        else:
+            couplings = []
+            for i1 in coupled_inputs:
+                pairs = [(i_out, paths_between(i1, i_out)) for i_out in range(len(self.irreps_out))]
+                pairs = [(i_out, group) for i_out, group in pairs if group]
+                couplings += [((i1,), chunk) for chunk in _chunks(pairs, lambda chunk: b_size((i1,), chunk), MERGE_B_FLOATS)]
+        for inputs, chunk in couplings:
+            first, last = rows_of(chunk)
+            offsets = {i1: sum(self.irreps_in1[i].ir.dim for i in inputs[: inputs.index(i1)]) for i1 in inputs}
+            stacked_dim = sum(self.irreps_in1[i1].ir.dim for i1 in inputs)
+            blocks = []
+            for piece, (i_out, group) in enumerate(chunk):
+                # [rows, k, P, sum d1]: row j multiplies the reordered x2[e, first + j].
+                g = torch.zeros(last - first, self.irreps_out[i_out].ir.dim, len(group), stacked_dim, dtype=torch.float64)
+                for a, p in enumerate(group):
+                    cg = p.coefficient * clebsch_gordan(p.l1, p.l2, p.l_out)  # [d1, d2, k]
+                    start, offset = in2_offsets[p.i_in2] - first, offsets[p.i_in1]
+                    g[start : start + cg.shape[1], :, a, offset : offset + cg.shape[0]] = cg.permute(1, 2, 0)
+                blocks.append(g.reshape(last - first, -1))
+                piece_paths[(len(self._couple_plan), piece)] = group
+            name = "_cg_" + "_".join(map(str, inputs)) + f"_{chunk[0][0]}"
+            self.register_buffer(name, torch.cat(blocks, dim=1).to(torch.get_default_dtype()), persistent=False)
+            self._couple_plan.append((inputs, (first, last), name, [(i_out, len(group)) for i_out, group in chunk]))
 
         # Per output, its pieces of T (index in _couple_plan, index of the piece) in groups that
         # share one weight GEMM and one bmm, each with its paths' columns of linear in the same
@@ -271,8 +301,8 @@ class FusedRadialTensorProduct(nn.Module):
         self._plan: list[tuple[int, list[tuple[int, list[tuple[int, int]]]]]] = []
         for i_out, (mul_out, ir_out) in enumerate(self.irreps_out):
             pieces = [
-                ((c, piece), paths_between(i1, i_out))
-                for c, (i1, _, _, outputs) in enumerate(self._couple_plan)
+                ((c, piece), piece_paths[(c, piece)])
+                for c, (_, _, _, outputs) in enumerate(self._couple_plan)
                 for piece, (reached, _) in enumerate(outputs)
                 if reached == i_out
             ]
@@ -334,11 +364,14 @@ class FusedRadialTensorProduct(nn.Module):
             for (i_out, (first, last), constant, mul_out), s_path in zip(terms, torch.split(s, [t[3] for t in terms], dim=1)):
                 add(i_out, (s_path * constant).unsqueeze(2) * x2[:, first:last].unsqueeze(1))
 
-        # 1. T per input irrep, split per output: [E, k * P, u] pieces, rows (k, path).
-        coupled = []
-        for i1, (first, last), g_name, outputs in self._couple_plan:
-            mul1, dim1 = self._in1_shapes[i1]
-            x1_t = x1_blocks[i1].view(num_edges, mul1, dim1).transpose(1, 2)  # [E, d1, u]
+        # 1. T per coupling, split per output: [E, k * P, u] pieces, rows (k, path).
+        coupled, stacked = [], {}
+        for inputs, (first, last), g_name, outputs in self._couple_plan:
+            if inputs not in stacked:  # x1^T [E, sum d1, u] of the inputs, stacked along d
+                parts = [x1_blocks[i1].view(num_edges, *self._in1_shapes[i1]).transpose(1, 2) for i1 in inputs]
+                stacked[inputs] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            x1_t = stacked[inputs]
+            dim1 = x1_t.shape[1]
             g = getattr(self, g_name)
             b = (x2[:, first:last] @ g).view(num_edges, g.shape[1] // dim1, dim1)
             t = b * x1_t if dim1 == 1 else torch.bmm(b, x1_t)  # bmm with an inner size of 1 is slow

@@ -110,35 +110,41 @@ def test_fast_matches_e3nn_on_a_radius_graph_at_default_depth(qm9_batches):
 
 
 # The fast tensor product's strategies, from its module constants: inputs of dimension 1 factored
-# out or coupled like the others; (input, output) pairs merged into few large operations or kept
-# one per pair (what large models use). Each must compute e3nn's function.
+# out or coupled like the others; (input, output) pairs merged into few large operations, kept one
+# per pair (what large models use), or all inputs stacked (small models). Each must compute
+# e3nn's function.
+IRREGULAR = "3x0e+2x1o+1x1e+4x2e"  # uneven multiplicities, both parities
 STRATEGIES = [
-    pytest.param({}, id="defaults"),
-    pytest.param({"FACTOR_MIN_MUL": 1, "MERGE_B_FLOATS": 0, "MERGE_W_FLOATS": 0}, id="factored-per-pair"),
-    pytest.param({"FACTOR_MIN_MUL": 10**9, "MERGE_B_FLOATS": 10**9, "MERGE_W_FLOATS": 10**9}, id="merged"),
+    pytest.param({}, IRREGULAR, id="defaults"),
+    pytest.param({"FACTOR_MIN_MUL": 1, "MERGE_B_FLOATS": 0, "MERGE_W_FLOATS": 0}, IRREGULAR, id="factored-per-pair"),
+    pytest.param({"FACTOR_MIN_MUL": 10**9, "MERGE_B_FLOATS": 10**9, "MERGE_W_FLOATS": 10**9}, IRREGULAR, id="merged"),
+    pytest.param({"FACTOR_MIN_MUL": 10**9, "STACK_B_FLOATS": 10**9, "MERGE_W_FLOATS": 10**9}, "2x0e+2x1o+2x1e+2x2e", id="stacked"),
 ]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tensor_product_matches_e3nn_on_irregular_irreps(monkeypatch, strategy):
+@pytest.mark.parametrize(("strategy", "irreps_in1"), STRATEGIES)
+def test_tensor_product_matches_e3nn_on_irregular_irreps(monkeypatch, strategy, irreps_in1):
     for name, value in strategy.items():
         monkeypatch.setattr(fast_tp, name, value)
-    # Uneven multiplicities, both parities, an input order missing from the output, and an output
-    # (1x5e) that no path reaches: e3nn leaves it zero.
-    irreps_in1 = o3.Irreps("3x0e+2x1o+1x1e+4x2e")
+    # An input order missing from the output, and an output (1x5e) that no path reaches: e3nn
+    # leaves it zero.
+    irreps_in1 = o3.Irreps(irreps_in1)
     irreps_in2 = o3.Irreps("0e+1o+2e+3o")
     irreps_out = o3.Irreps("2x0e+3x1o+2x1e+1x2e+2x3e+1x5e")
     with default_dtype(torch.float64):
         reference = o3.FullyConnectedTensorProduct(irreps_in1, irreps_in2, irreps_out, shared_weights=False)
         fast = FusedRadialTensorProduct(irreps_in1, irreps_in2, irreps_out)
-    # The strategy took effect: the 3x0e input factored out or not; pairs merged or not.
+    # The strategy took effect: the 3x0e input factored out or not; pairs merged, stacked or not.
     assert len(fast._factor_plan) == (1 if strategy.get("FACTOR_MIN_MUL") == 1 else 0)
     pairs = {(p.i_in1, p.i_out) for p in fully_connected_paths(irreps_in1, irreps_in2, irreps_out) if p.weight_numel}
     coupled_pairs = len(pairs) - len({i_out for i1, i_out in pairs if i1 == 0} if fast._factor_plan else set())
+    stacks = [inputs for inputs, _, _, _ in fast._couple_plan]
     if strategy.get("MERGE_B_FLOATS") == 0:
         assert len(fast._couple_plan) == coupled_pairs
     if strategy.get("MERGE_B_FLOATS") == 10**9:
-        assert len(fast._couple_plan) == len(irreps_in1)
+        assert stacks == [(i1,) for i1 in range(len(irreps_in1))]
+    if strategy.get("STACK_B_FLOATS") == 10**9:
+        assert stacks == [tuple(range(len(irreps_in1)))] * len({i_out for _, i_out in pairs})
     assert fast.weight_numel == reference.weight_numel
     assert [(p.i_in1, p.i_in2, p.i_out) for p in fully_connected_paths(irreps_in1, irreps_in2, irreps_out)] == [
         (ins.i_in1, ins.i_in2, ins.i_out) for ins in reference.instructions
