@@ -401,8 +401,7 @@ class CollatedSplit:
         if dataset.edges == "bonds":
             self.local_edges, self.num_edges = _bond_edges(t, molecules)
         else:  # radius edges depend on each molecule's geometry: computed per molecule, as the dataset does
-            starts = (torch.cumsum(self.num_atoms, 0) - self.num_atoms).tolist()
-            per_molecule = [radius_edges(self.pos[start : start + n], dataset.cutoff) for start, n in zip(starts, self.num_atoms.tolist())]
+            per_molecule = [radius_edges(pos, dataset.cutoff) for pos in torch.split(self.pos, self.num_atoms.tolist())]
             self.num_edges = torch.tensor([e.shape[1] for e in per_molecule], dtype=torch.int64)
             self.local_edges = torch.cat(per_molecule, dim=1) if per_molecule else torch.zeros(2, 0, dtype=torch.int64)
         self.y = t.y[molecules].to(torch.float32)
@@ -442,10 +441,9 @@ class CollatedSplit:
         ptr = torch.zeros(num_graphs + 1, dtype=torch.int64)
         ptr[1:] = torch.cumsum(atoms_per_graph, 0)
         atom_graph = torch.repeat_interleave(graph, atoms_per_graph)
-        atoms = self.atom_start[index][atom_graph] + torch.arange(int(ptr[-1])) - ptr[atom_graph]
+        atoms = _concatenated_ranges(self.atom_start[index], atoms_per_graph)
         edge_graph = torch.repeat_interleave(graph, edges_per_graph)
-        edge_ptr = torch.cumsum(edges_per_graph, 0) - edges_per_graph
-        edges = self.edge_start[index][edge_graph] + torch.arange(len(edge_graph)) - edge_ptr[edge_graph]
+        edges = _concatenated_ranges(self.edge_start[index], edges_per_graph)
         # Local atom numbers plus the graph's first atom in the batch, as PyG's collate increments them.
         edge_index = self.local_edges[:, edges] + ptr[edge_graph]
         batch = Batch(
