@@ -1,13 +1,17 @@
 """Every figure of `irrep-study bench` in one run on a machine without QM9's source or MLflow/Ray:
 the README's GPU table comes from here.
 
-    # here, where QM9 is cached: a seeded 12,000-molecule subset as one file (about 5 MB)
+    # here, where QM9 is cached: a seeded 12,000-molecule subset as one file (about 10 MB)
     python benchmarks/device_suite.py export --out qm9-subset.pt
-    # there (a GPU machine with torch, e3nn, PyG, pydantic; cuequivariance-torch optional)
+    # there (a GPU machine with torch, e3nn, PyG, pydantic; cuequivariance-torch optional, its CUDA
+    # kernels with cuequivariance-ops-torch-cu13 and cuequivariance-ops-cu13)
     python benchmarks/device_suite.py run --tensors qm9-subset.pt --out results/ --device cuda
+    python benchmarks/device_suite.py compile --tensors qm9-subset.pt --out results/ --device cuda
 
 `run` writes bench.json/.txt (per-step table, e3nn / fast / cuEquivariance), lmax.json/.txt (the
 lmax sweep) and study-quick / study-ablation .json/.txt (shrunk studies end to end per backend).
+`compile` trains the quick study's largest trial eager and through torch.compile (3 epochs each)
+and writes compile.json: seconds per epoch and the validation MAE of both.
 """
 
 from __future__ import annotations
@@ -83,6 +87,34 @@ def run(tensors_path: Path, out: Path, device: str, repeats: int, lmax: int, smo
         print(f"[{time.perf_counter() - started:.0f} s]", flush=True)
 
 
+def compare_compile(tensors_path: Path, out: Path, device: str, epochs: int = 3) -> dict:
+    """Seconds per epoch of one trial eager and compiled, and its metrics (which must agree)."""
+    import tempfile
+
+    from study.config import TrialConfig
+    from study.train import run_trial
+
+    tensors = QM9Tensors(**torch.load(tensors_path, weights_only=True))
+    trial = dict(l_values=[0, 1, 2, 3], hidden_dim=8, num_layers=2, subset=4000, epochs=epochs,
+                 target_reference="composition", lr_schedule="cosine", lr=0.01, device=device, seed=1)
+    rows = {}
+    for compiled in (False, True):
+        stamps = [time.perf_counter()]
+        with tempfile.TemporaryDirectory() as run_dir:
+            result = run_trial(TrialConfig(**trial, compile=compiled), Path(run_dir), tensors=tensors,
+                               on_epoch=lambda metrics: stamps.append(time.perf_counter()))
+        rows[str(compiled)] = {
+            "first_epoch_s": stamps[1] - stamps[0],
+            "later_epoch_s": [b - a for a, b in zip(stamps[1:], stamps[2:])],
+            "val": [m.val_mae_meV for m in result.history],
+            "test": result.test_mae_meV,
+        }
+        print(f"compile={compiled}: {rows[str(compiled)]}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compile.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,9 +128,16 @@ def main() -> None:
     measure.add_argument("--repeats", type=int, default=10)
     measure.add_argument("--lmax", type=int, default=8)
     measure.add_argument("--smoke", action="store_true", help="small cases only: checks the script in a minute")
+    timing = commands.add_parser("compile", help="one trial's epochs eager and through torch.compile")
+    timing.add_argument("--tensors", type=Path, required=True)
+    timing.add_argument("--out", type=Path, required=True)
+    timing.add_argument("--device", default="cuda")
+    timing.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     if args.command == "export":
         export(args.out, args.molecules)
+    elif args.command == "compile":
+        compare_compile(args.tensors, args.out, args.device, args.epochs)
     else:
         run(args.tensors, args.out, args.device, args.repeats, args.lmax, args.smoke)
 

@@ -246,9 +246,16 @@ def _cueq_model(case: BenchCase, device: torch.device) -> IrrepConvModel:
     for block in [model.input_block, *model.blocks]:
         irreps = [cue.Irreps("O3", str(i)) for i in (block.in_irreps, block.sh_irreps, block.out_irreps)]
         block.tp = cuet.FullyConnectedTensorProduct(
-            *irreps, layout=cue.mul_ir, shared_weights=False, use_fallback=cueq_status(device) != "cuda kernels"
+            *irreps, layout=cue.mul_ir, shared_weights=False,
+            method="fused_tp" if cueq_status(device) == "cuda kernels" else "naive",
         )
     return model
+
+
+def cueq_method(model: IrrepConvModel) -> str:
+    """The implementation cuEquivariance actually built: it falls back to "naive" (PyTorch) with only
+    a warning when its CUDA kernels fail to load, so the report names what ran."""
+    return model.input_block.tp.f.method
 
 
 def _models(case: BenchCase, device: torch.device, backends: Sequence[str] = BACKENDS) -> dict[str, IrrepConvModel]:
@@ -340,6 +347,7 @@ def bench_case(
         "flops_per_step": flops,
         "prediction_relative_difference": differences["fast"],
         "prediction_relative_differences": differences,
+        "cueq_method": cueq_method(models["cueq"]) if "cueq" in models else None,
         "backends": {},
     }
     for name in models:
@@ -460,7 +468,8 @@ def _context_lines(report: dict) -> list[str]:
         f"median of {report['repeats']} steps after {report['warmup']} warm-up",
     ]
     if report.get("cueq"):
-        lines.append(f"cuEquivariance: {report['cueq']}")
+        methods = sorted({c["cueq_method"] for c in report.get("configs", []) if c.get("cueq_method")})
+        lines.append(f"cuEquivariance: {report['cueq']}" + (f" (method {', '.join(methods)})" if methods else ""))
     return lines
 
 

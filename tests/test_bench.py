@@ -46,6 +46,8 @@ def test_quick_bench_reports_every_backend(run_cli):
         # All backends hold the same parameters: float32 predictions agree with e3nn's.
         assert set(config["prediction_relative_differences"]) == {"fast", "cueq"}
         assert max(config["prediction_relative_differences"].values()) < 1e-4
+        # The report names the implementation cuEquivariance actually built (its PyTorch one on CPU).
+        assert config["cueq_method"] == ("naive" if report["device"] == "cpu" else config["cueq_method"])
         backends = config["backends"]
         for backend in report["backends"]:
             numbers = backends[backend]
@@ -63,6 +65,7 @@ def test_quick_bench_reports_every_backend(run_cli):
     # The table names the third column.
     table = run_cli("bench", "--quick", check_exit=0).stdout
     assert "cueq mol/s" in table and "fast/e3nn" in table
+    assert "cuEquivariance: pytorch fallback (method naive)" in table or report["device"] != "cpu"
 
 
 def test_lmax_sweep_fits_the_growth_of_its_own_timings(run_cli):
