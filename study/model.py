@@ -112,15 +112,19 @@ class InteractionBlock(nn.Module):
             geometry = edge_geometry(pos, edge_index, self.l_values, self.edge_dim, self.cutoff)
         src, dst = edge_index[0], edge_index[1]
         sh, radial = geometry.sh, geometry.radial
+        # index_select, not x[src]: its backward is one index_add, where advanced indexing's is an
+        # accumulating index_put that sorts the indices (gather fwd+bwd: 0.07 against 0.23 ms per block
+        # at [0,1,2] x 8 on 2 cores).
+        x_src = x.index_select(0, src)
         if self.backend == "e3nn":
-            messages = self.tp(x[src], sh, self.radial(radial))
+            messages = self.tp(x_src, sh, self.radial(radial))
         else:
             # The fast tensor product takes the MLP's last linear layer itself, so that it can form
             # the per-edge weights one (input, output) pair at a time; the scale is e3nn's for that
             # layer (FullyConnectedNet divides its weight by sqrt(fan-in) in every call).
             last = self.radial.layer1
             scale = 1.0 / (last.h_in * last.var_in / last.var_out) ** 0.5
-            messages = self.tp(x[src], sh, self.radial.layer0(radial), last.weight, scale)
+            messages = self.tp(x_src, sh, self.radial.layer0(radial), last.weight, scale)
         # index_add over all nodes: atoms with no incoming edge (isolated atoms) get exact zeros.
         out = torch.zeros(x.shape[0], self.out_dim, dtype=messages.dtype, device=messages.device)
         out = out.index_add(0, dst, messages)
