@@ -469,7 +469,10 @@ def _context_lines(report: dict) -> list[str]:
     ]
     if report.get("cueq"):
         methods = sorted({c["cueq_method"] for c in report.get("configs", []) if c.get("cueq_method")})
-        lines.append(f"cuEquivariance: {report['cueq']}" + (f" (method {', '.join(methods)})" if methods else ""))
+        if report["cueq"] == "cuda kernels" and methods == ["naive"]:
+            lines.append("cuEquivariance: its CUDA kernels failed to load (see the warnings); ran its PyTorch fallback (method naive)")
+        else:
+            lines.append(f"cuEquivariance: {report['cueq']}" + (f" (method {', '.join(methods)})" if methods else ""))
     return lines
 
 

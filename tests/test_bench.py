@@ -16,7 +16,7 @@ import torch
 import numpy as np
 import yaml
 
-from study.bench import BenchCase, growth_exponent, parse_case, step_flops
+from study.bench import BenchCase, _context_lines, growth_exponent, parse_case, step_flops
 from study.bench_study import Shrink, parse_shrink, shrunk_configs
 from study.errors import UserError
 from study.model import IrrepConvModel
@@ -165,3 +165,11 @@ def test_step_flops_by_hand():
     # Linear in the edge count.
     assert step_flops(model, 20) == 2 * step_flops(model, 10)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_the_report_says_when_cuequivariance_fell_back_from_its_cuda_kernels():
+    report = {"device": "cuda", "device_name": "GPU", "threads": 1, "batch_size": 32, "repeats": 1, "warmup": 0,
+              "cueq": "cuda kernels", "configs": [{"cueq_method": "naive"}]}
+    assert "CUDA kernels failed to load" in _context_lines(report)[1]
+    report["configs"] = [{"cueq_method": "fused_tp"}]
+    assert _context_lines(report)[1] == "cuEquivariance: cuda kernels (method fused_tp)"
