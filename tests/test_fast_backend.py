@@ -167,9 +167,18 @@ def test_every_tensor_product_strategy_matches_e3nn(monkeypatch, strategy, irrep
         assert relative_error(g, e) < 1e-12, name
 
 
-def test_output_blocks_hand_their_batched_matmuls_a_contiguous_gradient():
-    # Output blocks are formed as out^T [E, k, w] and returned transposed; the backward's bmm runs
-    # 5x slower on the transposed view of the gradient that autograd would hand it (README).
+def test_output_blocks_hand_their_batched_matmuls_a_contiguous_gradient(monkeypatch):
+    # Output blocks are formed as out^T [E, k, w] and returned transposed; on the CPU the backward's
+    # bmm runs 5x slower on the transposed view of the gradient that autograd would hand it (README).
+    calls = []
+    apply = fast_tp._ContiguousGradient.apply
+    monkeypatch.setattr(fast_tp._ContiguousGradient, "apply", lambda x: calls.append(x.shape) or apply(x))
+    tp = FusedRadialTensorProduct("8x0e + 8x1o + 8x2e", "1x0e + 1x1o + 1x2e", "8x0e + 8x1o + 8x2e")
+    num_edges, hidden = 5, 4
+    tp(torch.randn(num_edges, 72), torch.randn(num_edges, 9), torch.randn(num_edges, hidden),
+       torch.randn(hidden, tp.weight_numel), 0.5)
+    assert sorted(calls) == [(num_edges, 3, 8), (num_edges, 5, 8)]  # every output with k > 1, on the CPU
+
     out_t = torch.randn(4, 3, 2, requires_grad=True)
     seen = []
     out_t.register_hook(lambda grad: seen.append(grad))

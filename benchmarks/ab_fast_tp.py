@@ -1,0 +1,91 @@
+"""A/B of the fast tensor product against another version of ``study/fast_tp.py``, in one process.
+
+Both models hold the same parameters; their training steps alternate on the same batches (the
+order flips every batch and round), so a machine's changes of speed hit both alike.
+
+    git show 59baabd:study/fast_tp.py > /tmp/fast_tp_before.py
+    python benchmarks/ab_fast_tp.py /tmp/fast_tp_before.py --tensors qm9-subset.pt --device cuda
+
+``--tensors`` is a subset file written by ``benchmarks/device_suite.py export``; without it QM9
+is read from the local cache. Prints the median ms per step of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from study.bench import _batches, _models, parse_case, synchronize, training_step  # noqa: E402
+from study.data import QM9Tensors, load_qm9, target_index  # noqa: E402
+from study.model import make_optimizer  # noqa: E402
+
+CASES = (("0,1,2x8", 2), ("0,1,2,3x8", 2), ("0,1,2x32", 3), ("0-6x16", 3))
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location("fast_tp_other", path) if path.is_file() else None
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"error: {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fast_tp_other"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(other, tensors: QM9Tensors, spec: str, num_layers: int, device: torch.device,
+            batches: int, rounds: int, warmup: int) -> tuple[float, float]:
+    """Median seconds per step of (this version, the other)."""
+    case = parse_case(spec, num_layers=num_layers)
+    data = _batches(tensors, case, 32, batches, device)
+    ours = _models(case, device, ("fast",))["fast"]
+    theirs = copy.deepcopy(ours)
+    for block in [theirs.input_block, *theirs.blocks]:
+        block.tp = other.FusedRadialTensorProduct(block.in_irreps, block.sh_irreps, block.out_irreps).to(device)
+    column = target_index("U0_atom")
+    entries = [(ours, make_optimizer(ours, lr=1e-3), []), (theirs, make_optimizer(theirs, lr=1e-3), [])]
+    for round_ in range(rounds):
+        for i, batch in enumerate(data):
+            for model, optimizer, times in entries if (i + round_) % 2 == 0 else entries[::-1]:
+                synchronize(device)
+                started = time.perf_counter()
+                training_step(model, optimizer, batch, column)
+                synchronize(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - started)
+    return statistics.median(entries[0][2]), statistics.median(entries[1][2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("other", type=Path, help="another version of study/fast_tp.py")
+    parser.add_argument("--tensors", type=Path, help="a QM9 subset file (device_suite.py export)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--configs", nargs="*", default=[spec for spec, _ in CASES],
+                        help="among " + ", ".join(spec for spec, _ in CASES))
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    layers = dict(CASES)
+    unknown = [spec for spec in args.configs if spec not in layers]
+    if unknown:
+        raise SystemExit(f"error: unknown config {unknown[0]!r}; choose among {', '.join(layers)}")
+    other = load_module(args.other)
+    tensors = QM9Tensors(**torch.load(args.tensors, weights_only=True)) if args.tensors else load_qm9()
+    for spec in args.configs:
+        ours, theirs = compare(other, tensors, spec, layers[spec], torch.device(args.device), args.batches,
+                               args.rounds, warmup=3)
+        print(f"{spec}: this version {ours * 1e3:.2f} ms, {args.other.name} {theirs * 1e3:.2f} ms per step, "
+              f"time ratio other/this {theirs / ours:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
