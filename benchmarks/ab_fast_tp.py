@@ -17,14 +17,13 @@ import copy
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.bench import _batches, _models, parse_case, synchronize, training_step  # noqa: E402
+from study.bench import _batches, _models, parse_case, timed_step  # noqa: E402
 from study.data import QM9Tensors, load_qm9, target_index  # noqa: E402
 from study.model import make_optimizer  # noqa: E402
 
@@ -55,12 +54,9 @@ def compare(other, tensors: QM9Tensors, spec: str, num_layers: int, device: torc
     for round_ in range(rounds):
         for i, batch in enumerate(data):
             for model, optimizer, times in entries if (i + round_) % 2 == 0 else entries[::-1]:
-                synchronize(device)
-                started = time.perf_counter()
-                training_step(model, optimizer, batch, column)
-                synchronize(device)
+                seconds = timed_step(model, optimizer, batch, column, device)
                 if i >= warmup:
-                    times.append(time.perf_counter() - started)
+                    times.append(seconds)
     return statistics.median(entries[0][2]), statistics.median(entries[1][2])
 
 

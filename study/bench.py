@@ -283,6 +283,15 @@ def training_step(model: IrrepConvModel, optimizer: torch.optim.Optimizer, batch
     optimizer.step()
 
 
+def timed_step(model: IrrepConvModel, optimizer: torch.optim.Optimizer, batch, column: int, device: torch.device) -> float:
+    """Seconds of one training step, the device synchronised before and after (a GPU runs ahead)."""
+    synchronize(device)
+    started = time.perf_counter()
+    training_step(model, optimizer, batch, column)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 def bench_case(
     case: BenchCase,
     tensors: QM9Tensors,
@@ -314,11 +323,7 @@ def bench_case(
         order = names[shift:] + names[:shift]
         round_seconds = {}
         for name in order:
-            synchronize(device)
-            started = time.perf_counter()
-            step(name, batch)
-            synchronize(device)
-            round_seconds[name] = time.perf_counter() - started
+            round_seconds[name] = timed_step(models[name], optimizers[name], batch, column, device)
             if index >= warmup:
                 seconds[name].append(round_seconds[name])
         kind = "warm-up" if index < warmup else "step"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from study.bench import render_text, synchronize, training_step
+from study.bench import render_text, timed_step
 from study.config import TrialConfig
 from study.data import CollatedSplit, QM9Dataset, QM9Tensors, split_indices, target_index
 from study.resources import Estimate, available_bytes, estimate, gib
@@ -79,12 +79,9 @@ def step_seconds(config: TrialConfig, tensors: QM9Tensors, steps: int) -> float:
     for index in range(WARMUP_STEPS + steps):
         batch = batches[index % len(batches)]
         batch.pos = batch.pos.to(dtype)
-        synchronize(device)
-        started = time.perf_counter()
-        training_step(model, optimizer, batch, column)
-        synchronize(device)
+        step_seconds = timed_step(model, optimizer, batch, column, device)
         if index >= WARMUP_STEPS:
-            seconds.append(time.perf_counter() - started)
+            seconds.append(step_seconds)
     return statistics.median(seconds)
 
 
