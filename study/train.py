@@ -146,7 +146,9 @@ def prepare_data(config: TrialConfig, tensors: QM9Tensors, reference: TargetRefe
         if len(indices) == 0:
             raise UserError(f"split: the {name} split is empty; raise subset or the {name} fraction")
     column = target_index(config.target)
-    elements = sorted(int(z) for z in torch.unique(tensors.z))
+    # The elements present, ascending; a count per atomic number is O(atoms), where torch.unique
+    # sorts QM9's 2.4M atoms (65-140 ms of every trial).
+    elements = torch.bincount(tensors.z).nonzero().flatten().tolist()
     counts = {name: element_counts(tensors.z, tensors.atom_ptr, indices, elements) for name, indices in splits.items()}
     y = {name: tensors.y[torch.as_tensor(indices), column].numpy() for name, indices in splits.items()}
     try:
