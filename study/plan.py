@@ -79,9 +79,9 @@ def step_seconds(config: TrialConfig, tensors: QM9Tensors, steps: int) -> float:
     for index in range(WARMUP_STEPS + steps):
         batch = batches[index % len(batches)]
         batch.pos = batch.pos.to(dtype)
-        step_seconds = timed_step(model, optimizer, batch, column, device)
+        elapsed = timed_step(model, optimizer, batch, column, device)
         if index >= WARMUP_STEPS:
-            seconds.append(step_seconds)
+            seconds.append(elapsed)
     return statistics.median(seconds)
 
 
