@@ -35,8 +35,8 @@ per-edge matrices costs ~0.1 ms whatever its FLOPs), large ones by memory traffi
 
 Layouts matter as much as operation counts: step 4 returns ``out_o^T`` transposed, so its gradient
 arrives as a transposed view, on which the backward's batched matmuls run 5x slower than on a
-contiguous copy on the CPU; ``_ContiguousGradient`` hands them the copy there (a step of
-[0,1,2] x 8 or [0..6] x 16 18-27% faster). On the GPU cuBLAS takes the view as it is, and the copy
+contiguous copy on the CPU; ``_ContiguousGradient`` hands them the copy there (a step 18-27%
+faster from [0,1,2] x 8 to [0..6] x 16). On the GPU cuBLAS takes the view as it is, and the copy
 only costs: on an H100, steps of [0,1,2] x 8, [0,1,2,3] x 8 and [0,1,2] x 32 were 7% faster
 without it ([0..6] x 16 2% slower, within the noise), so it is applied to CPU tensors only.
 
