@@ -312,9 +312,6 @@ def bench_case(
     scale = first["e3nn"].abs().max()
     differences = {name: float((first[name] - first["e3nn"]).abs().max() / scale) for name in models if name != "e3nn"}
 
-    def step(name: str, batch) -> None:
-        training_step(models[name], optimizers[name], batch, column)
-
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for index, batch in enumerate(batches):
         # Rotate the order every round: no backend always runs right after the same other one.
@@ -334,7 +331,7 @@ def bench_case(
     peaks: dict[str, int | None] = {}
     for name in models:
         memory.start()
-        step(name, batches[-1])
+        training_step(models[name], optimizers[name], batches[-1], column)
         peaks[name] = memory.peak_bytes()
 
     num_edges = statistics.mean(int(b.edge_index.shape[1]) for b in batches[warmup:])
