@@ -1,14 +1,22 @@
 """Ablation effects: what including each order l does to the test error, with a 95% interval.
 
 The question of the seed ("does pruning l = 1, 2 help?") is a causal contrast the study can
-measure directly, because the l set is what the sweep varies. Three estimates per l:
+measure directly, because the l set is what the sweep varies. Which estimate a study gets depends
+on its design, and every row of the table says which model produced it (``method``, ``model``):
 
+- ``factorial`` (analysis/factorial.py): when the l sets are every subset of some orders on top of
+  orders all configurations hold, and nothing else varies, the study is a full 2^k factorial and is
+  analysed as one: a trial-level model with every interaction, residual = seed-to-seed variation;
+  main effects, interactions, simple effects (adding l to one context) and a lack-of-fit test of
+  the additive model, on MAE and on log MAE. Its contexts are the whole fixed set of cells, so the
+  spread of an effect across them is an interaction the design estimates, not noise, and the
+  other estimates below are not computed.
 - ``paired``: differences of test MAE between two trials that differ only in that l: same other
   parameters, same seed (so the same split, initialisation stream and data order). Differences
   are averaged over seeds within each pair of configurations, and the 95% t interval is taken
-  over those configuration pairs: the effect of l may depend on the rest of the configuration,
-  and each configuration pair is one draw of that context. With a single configuration pair the
-  interval is over its seeds and only covers seed noise; the ``interval`` column says which.
+  over those configuration pairs: with other parameters varying (hidden size, depth) the
+  configuration pairs stand for the contexts l can be added to. With a single configuration pair
+  the interval is over its seeds and only covers seed noise; the ``interval`` column says which.
 - ``regression``: least squares (statsmodels OLS) of the configurations' mean test MAE over their
   seeds on an indicator per l that varies, plus the other parameters that vary (a learning rate
   as log10, parameters with few levels as categories); t intervals on (configurations -
@@ -35,13 +43,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis import factorial
 from analysis.configurations import includes, l_orders
 
 MAX_LEVELS_AS_CATEGORIES = 4
-ABLATION_COLUMNS = (
-    "l", "method", "effect_meV", "lo_meV", "hi_meV", "n_pairs", "n_configuration_pairs", "n_configurations",
-    "n_trials", "interval", "note",
-)
+# One schema for every design: the factorial's columns, then the paired design's counts.
+ABLATION_COLUMNS = (*factorial.FACTORIAL_COLUMNS[:-1], "n_pairs", "n_configuration_pairs", "n_configurations", "note")
+MODELS = {
+    "paired": "differences of seed-paired trials, t over configuration pairs",
+    "regression": "OLS of configuration means on inclusion indicators (additive) and covariates",
+    "unpaired": "configurations with l minus those without, Welch t (confounded)",
+}
 
 
 def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
@@ -187,19 +199,52 @@ def regression_effects(trials: pd.DataFrame, context: Sequence[str], metric: str
     return rows
 
 
-def ablation_effects(trials: pd.DataFrame, context: Sequence[str], metric: str = "test_mae_meV") -> pd.DataFrame:
-    """Paired, regression and unpaired effects of every order that is in some configurations and
-    not in others. ``trials``: completed trials with ``configuration, l_values, seed`` (the l set
-    as a comma list), the ``context`` columns (the other parameters that vary) and ``metric``."""
+def ablation_effects(trials: pd.DataFrame, context: Sequence[str], metric: str = "test_mae_meV",
+                     errors: dict[str, pd.Series] | None = None) -> pd.DataFrame:
+    """The effects of every order that is in some configurations and not in others, by the model
+    the study's design implies (see the module docstring). ``trials``: completed trials with
+    ``configuration, l_values, seed`` (the l set as a comma list), the ``context`` columns (the
+    other parameters that vary) and ``metric``; ``errors``: optional per-molecule absolute errors
+    (meV) by run id, indexed by molecule id, which a factorial study uses to carry the sampling of
+    the test molecules into its intervals (when every trial was tested on the same molecules)."""
     trials = trials[np.isfinite(trials[metric].to_numpy(dtype=np.float64))].reset_index(drop=True)
+    design = factorial.factorial_design(trials, context)
+    if design is not None:
+        return _schema(factorial.factorial_effects(trials, design, metric, molecule_errors(trials, errors)))
     orders = [l for l in l_orders(trials["l_values"]) if 0 < sum(includes(v, l) for v in trials["l_values"]) < len(trials)]
     rows = [paired_effect(trials, l, context, metric) for l in orders]
     rows += regression_effects(trials, context, metric)
     rows += [unpaired_effect(trials, l, metric) for l in orders]
-    table = pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))
+    for row in rows:
+        row.update(kind="average", term=f"l{row['l']}", model=MODELS[row["method"]])
+    table = _schema(pd.DataFrame(rows))
     method_order = {"paired": 0, "regression": 1, "unpaired": 2}
     table = table.sort_values(["l", "method"], key=lambda c: c.map(method_order) if c.name == "method" else c, kind="stable")
     return table.reset_index(drop=True)
+
+
+def _schema(table: pd.DataFrame) -> pd.DataFrame:
+    return table.reindex(columns=list(ABLATION_COLUMNS))
+
+
+def molecule_errors(trials: pd.DataFrame, errors: dict[str, pd.Series] | None) -> np.ndarray | None:
+    """[trials, molecules] absolute errors in the order of ``trials`` (by ``run_id``), or None when
+    they are not given for every trial or the trials were not all tested on the same molecules."""
+    if errors is None or "run_id" not in trials or any(run_id not in errors for run_id in trials["run_id"]):
+        return None
+    first = errors[trials["run_id"].iloc[0]]
+    molecules = pd.Index(first.index).sort_values()
+    rows = []
+    for run_id in trials["run_id"]:
+        series = errors[run_id]
+        if len(series) != len(molecules) or not pd.Index(series.index).sort_values().equals(molecules):
+            return None
+        rows.append(series.reindex(molecules).to_numpy(dtype=np.float64))
+    return np.vstack(rows)
+
+
+def is_factorial(table: pd.DataFrame) -> bool:
+    return bool(len(table)) and (table["method"] == factorial.METHOD).all()
 
 
 def _headline_methods(group: pd.DataFrame) -> tuple[pd.Series | None, pd.Series | None]:
@@ -213,8 +258,11 @@ def _headline_methods(group: pd.DataFrame) -> tuple[pd.Series | None, pd.Series 
 
 
 def headline_estimates(table: pd.DataFrame) -> dict[int, tuple[str, pd.Series]]:
-    """Per l, (method, row) of the estimate the headline reports, picked as `headline` picks it;
+    """Per l, (method, row) of the estimate the headline reports, picked as `headline` picks it
+    (a factorial's main effect; else the paired row where there are pairs, else the regression's);
     an l the study cannot estimate is absent."""
+    if is_factorial(table):
+        return {int(row["l"]): (factorial.METHOD, row) for _, row in table[table["kind"] == "main"].iterrows()}
     chosen = {}
     for l, group in table.groupby("l", sort=True):
         paired, regression = _headline_methods(group)
@@ -226,7 +274,10 @@ def headline_estimates(table: pd.DataFrame) -> dict[int, tuple[str, pd.Series]]:
 
 
 def headline(table: pd.DataFrame) -> list[str]:
-    """One sentence per l: the paired estimate where the study has pairs, else the regression's."""
+    """The factorial's sentences for a factorial study; else one sentence per l: the paired
+    estimate where the study has pairs, else the regression's."""
+    if is_factorial(table):
+        return factorial.factorial_sentences(table)
     sentences = []
     for l, group in table.groupby("l", sort=True):
         paired, regression = _headline_methods(group)

@@ -1,7 +1,7 @@
 """Rotation-invariant features of each irrep block of a graph embedding.
 
 The raw components of an l >= 1 block turn with the molecule: a score computed on them measures
-the orientation of the test molecules as much as the model (SEED.md's third weak point). Every
+the orientation of the test molecules as much as the model (the third weak point of the paper's analysis, docs/science.md). Every
 score of this package therefore reads only invariants of a block with multiplicity m, and the
 same number of them for every block, so that blocks of different l compete on equal terms (a
 probe with m(m+1)/2 power-spectrum features for l >= 1 against m scalars for l = 0 would favour

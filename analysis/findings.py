@@ -11,8 +11,9 @@
 - The accuracy-size trade-off: the Pareto front of configurations on mean validation MAE (chosen
   on validation, never test) and parameter count, each configuration marked by its l set.
 - Sentences: the ablation effects, the most important parameter, the best configuration on
-  validation beside its test MAE and the composition fit's, and what is significant after
-  correction (the correlations' Benjamini-Hochberg q) or an explicit "nothing is".
+  validation beside its test MAE and the composition fit's, then, as two separate families, what
+  is significant among the correlations after their false-discovery correction and which ablation
+  effects are clear (Holm-adjusted for a factorial, marked unadjusted otherwise).
 """
 
 from __future__ import annotations
@@ -189,20 +190,22 @@ def pareto_figure(front: pd.DataFrame, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lmax = front["l_values"].map(lambda text: max(int(p) for p in str(text).split(",") if p.strip()))
+    from analysis.plots import l_colour, largest_l, plain_log_axis
+
+    lmax = front["l_values"].map(largest_l)
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    colours = plt.get_cmap("viridis")
-    top = max(int(lmax.max()), 1)
     for value in sorted(lmax.unique()):
         chosen = front[lmax == value]
+        # The colour of the largest l is the same in every figure of the report (plots.l_colour).
         axes.errorbar(chosen["num_params"], chosen["best_val_mae_meV_mean"], yerr=chosen["best_val_mae_meV_sd"].fillna(0),
-                      fmt="o", color=colours(0.1 + 0.7 * value / top), label=f"largest l = {value}", capsize=2, alpha=0.85)
+                      fmt="o", color=l_colour(value), label=f"largest l = {value}", capsize=2, alpha=0.85)
     on = front[front["on_front"]]
     axes.step(on["num_params"], on["best_val_mae_meV_mean"], where="post", color="#c62828", lw=1.2, label="Pareto front")
     for row in on.itertuples():
         axes.annotate(f"l={row.l_values}", (row.num_params, row.best_val_mae_meV_mean), textcoords="offset points",
                       xytext=(4, 4), fontsize=7)
     axes.set_xscale("log")
+    plain_log_axis(axes.xaxis)
     axes.set_xlabel("parameters")
     axes.set_ylabel("validation MAE (meV), mean over seeds")
     axes.set_title("Accuracy against size: each configuration, the Pareto front in red")
@@ -237,8 +240,12 @@ def clear_ablation_effects(estimates: dict[int, tuple[str, pd.Series]]) -> dict[
 
 
 def finding_sentences(ablation_sentences: list[str], estimates: dict[int, tuple[str, pd.Series]], importance: pd.DataFrame,
-                      importance_n: int, configurations: pd.DataFrame, correlations: pd.DataFrame, level: float) -> list[str]:
-    """The findings, in the order a reader asks: what the l orders do, what mattered, who won, what holds."""
+                      importance_n: int, configurations: pd.DataFrame, correlations: pd.DataFrame, level: float,
+                      factorial_terms: pd.DataFrame | None = None) -> list[str]:
+    """The findings, in the order a reader asks: what the l orders do, what mattered, who won, what
+    holds. Corrected correlations and ablation effects are separate sentences, each with its own
+    correction: they are different families of tests. ``factorial_terms``: the main-effect and
+    interaction rows of a factorial study's table (their Holm p), None otherwise."""
     sentences = [s[0].upper() + s[1:] for s in ablation_sentences] or [
         "No l is in some configurations and not in others: the study has no ablation contrast."]
     if len(importance) == 1:
@@ -271,29 +278,49 @@ def finding_sentences(ablation_sentences: list[str], estimates: dict[int, tuple[
             f"Best on validation: {best['configuration']} (val MAE {best['best_val_mae_meV_mean']:.1f} meV over "
             f"{int(best['n_completed'])} seed(s)); its test MAE {best['test_mae_meV_mean']:.1f} meV{versus}."
         )
+    sentences.append(correlation_sentence(correlations, level))
+    sentences.append(ablation_significance_sentence(estimates, factorial_terms))
+    return sentences
+
+
+def correlation_sentence(correlations: pd.DataFrame, level: float) -> str:
+    """What holds among the score-error correlations after their false-discovery correction, and
+    how many rows could not enter it (too few configurations to ever reach significance)."""
     tested = len(tested_correlations(correlations))
     significant = significant_correlations(correlations, level)
+    method = "Benjamini-Hochberg"
+    if "fdr_method" in correlations and correlations["fdr_method"].notna().any():
+        method = {"bh": "Benjamini-Hochberg", "by": "Benjamini-Yekutieli"}.get(str(correlations["fdr_method"].dropna().iloc[0]), method)
+    left_out = ""
+    if "in_fdr_family" in correlations:
+        outside = int((~correlations["in_fdr_family"].astype(bool) & correlations["p_rho"].notna()).sum())
+        if outside:
+            left_out = (f"; {outside} more with too few configurations to reach p < {level:g} by permutation were left "
+                        "out of the correction")
+    if significant.empty:
+        return f"Correlations: no score correlates with test MAE at {method} q < {level:g} ({tested} tested{left_out})."
+    return (f"Correlations: {len(significant)} of {tested} score-error correlations are significant after {method} "
+            f"correction (q < {level:g}{left_out}): "
+            + ", ".join(f"{r.block}/{r.score} (rho {r.rho:+.2f})" for r in significant.itertuples()) + ".")
+
+
+def ablation_significance_sentence(estimates: dict[int, tuple[str, pd.Series]], factorial_terms: pd.DataFrame | None) -> str:
+    """Which ablation effects are clear, said apart from the correlations and with their own
+    multiplicity: Holm-adjusted over a factorial's terms, else marked unadjusted."""
+    if factorial_terms is not None and len(factorial_terms):
+        clear = factorial_terms[factorial_terms["p_holm"] < 0.05]
+        if clear.empty:
+            return (f"Ablation: no factorial term has Holm-adjusted p < 0.05 (over its {len(factorial_terms)} main effects "
+                    "and interactions).")
+        return (f"Ablation: {len(clear)} of {len(factorial_terms)} factorial terms have Holm-adjusted p < 0.05: "
+                + ", ".join(clear["term"]) + ".")
     clear = clear_ablation_effects(estimates)
-    if significant.empty and not clear:
-        sentences.append(
-            f"Nothing is significant after correction: no score correlates with test MAE at Benjamini-Hochberg "
-            f"q < {level:g} ({tested} tested), and no ablation effect's 95% interval excludes zero."
-        )
-    else:
-        if len(significant):
-            sentences.append(
-                f"{len(significant)} of {tested} score-error correlations are significant after "
-                f"Benjamini-Hochberg correction (q < {level:g}): "
-                + ", ".join(f"{r.block}/{r.score} (rho {r.rho:+.2f})" for r in significant.itertuples()) + "."
-            )
-        else:
-            sentences.append(f"No score correlates with test MAE at Benjamini-Hochberg q < {level:g} ({tested} tested).")
-        if clear:
-            sentences.append(
-                "Ablation effects whose 95% interval excludes zero (per l, not adjusted for the "
-                f"{len(estimates)} orders tested): " + ", ".join(f"l={l} ({method})" for l, (method, _) in sorted(clear.items())) + "."
-            )
-    return sentences
+    if not estimates:
+        return "Ablation: no effect of an l could be estimated."
+    if not clear:
+        return f"Ablation: no effect's 95% interval excludes zero (per l, unadjusted for the {len(estimates)} orders tested)."
+    return ("Ablation: effects whose 95% interval excludes zero (per l, not adjusted for the "
+            f"{len(estimates)} orders tested): " + ", ".join(f"l={l} ({method})" for l, (method, _) in sorted(clear.items())) + ".")
 
 
 def configuration_errors(configurations: pd.DataFrame) -> pd.DataFrame:

@@ -12,8 +12,11 @@ Outputs in ``out_dir``:
 - ``trials.csv``: the analysed trials; ``within_trial.csv``: per trial, Spearman of per-molecule
   |error| with each descriptor; ``molecules.csv``: per test molecule, its descriptors and each
   trial's absolute error;
-- PNGs (ablation forest plot, UMAP per block, score vs error, correlation heatmap, norm share per
-  epoch) and a self-contained ``report.html`` whose first section is the ablation effects.
+- ``findings.txt``: the report's findings, one sentence per line;
+- PNGs (ablation forest plot, test MAE per configuration against the composition fit, accuracy
+  against parameters and seconds per epoch, UMAP per block, score vs error, correlation heatmap,
+  norm share per epoch) and a self-contained ``report.html`` (analysis/report.py) that opens with
+  the findings, each beside the figure that supports it.
 Everything is then logged as one MLflow run tagged ``irrep_study.role=analysis``, nested under the
 analysed sweep's parent run (see `analysed_sweep`): every file as an artifact, a few summary
 numbers as metrics.
@@ -36,18 +39,21 @@ import pandas as pd
 
 from analysis import findings as found
 from analysis import plots
-from analysis.ablation import ablation_effects, headline, headline_estimates
+from analysis.ablation import ablation_effects, headline, headline_estimates, is_factorial
 from analysis.configurations import baseline_notes, configuration_summary
 from analysis.correlate import correlate_scores, molecule_correlations
 from analysis.descriptors import descriptors
 from analysis.load import Study, Trial, load_study
-from analysis.report import write_report
+from analysis.report import Figure, Finding, Section, Table, write_report
 from analysis.scores import ALL_SCORES, ScoreSettings, knockout_shares, residual_target, score_embedding, structure_sample
 from analysis.survival import complete_configurations, survival_notes, survival_table, trial_runs
 from study import tracking
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-SUMMARY_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "test_over_baseline")
+# Per configuration, mean and seed sd of each: the errors beside the composition fit, and the cost
+# (pruned models are also cheaper: parameters, and the wall time of a training epoch).
+SUMMARY_METRICS = ("test_mae_meV", "best_val_mae_meV", "baseline_test_mae_meV", "test_over_baseline", "num_params",
+                   "epoch_seconds")
 SIGNIFICANCE = 0.05  # a correlation counts as significant in the analysis run's summary when its q_rho is below
 
 
@@ -73,6 +79,7 @@ class AnalysisOutcome:
     notes: list[str]
     files: dict[str, Path]
     analysis_run_id: str | None
+    findings: list[str] = field(default_factory=list)  # the report's findings, one sentence each
 
     def to_dict(self, top: int = 10) -> dict:
         ranked = self.correlations[np.isfinite(self.correlations["rho"])]
@@ -139,6 +146,8 @@ def _trial_table(trials: list[Trial], runs: pd.DataFrame, context: list[str], co
             "baseline_test_mae_meV": baseline,
             "test_over_baseline": t.test_mae_meV / baseline if baseline > 0 else math.nan,
             "test_molecules": len(t.embeddings.target),
+            # Training wall time per epoch (validation included), as the trial measured it.
+            "epoch_seconds": t.metrics.get("train_seconds", math.nan) / t.config.epochs,
             "knockout_model_mae_meV": model_mae,
             "knockout_composition_mae_meV": composition_mae,
         })
@@ -213,20 +222,25 @@ def run_analysis(
     answer = _findings(runs, context, tables, out_dir)
     files.update({name: path for name, (path, _) in answer.figures.items()})
     files.update(_write_tables(out_dir, {"importance": answer.importance, "pareto": answer.pareto}))
+    # The findings as plain text, one sentence per line: what a results README quotes.
+    files["findings"] = out_dir / "findings.txt"
+    files["findings"].write_text("\n".join(answer.sentences) + "\n")
     report("figures", 1, 1)
     warnings = [*notes, *tables.learned]
+    summary = _summary(experiment, parent_run_id, study, tables.trials, tables.compared, skipped, settings)
+    shown = {name: Figure(name, path, caption) for name, (path, caption) in {**figures, **answer.figures}.items()}
     files["report"] = write_report(
         out_dir / "report.html",
         title=f"irrep-study analysis: {experiment}",
-        summary=_summary(experiment, parent_run_id, study, tables.trials, tables.compared, skipped, settings),
+        lede=f"{summary['trials analysed']}; compared across the study: {summary['compared across the study']}.",
         warnings=warnings,
-        sections=[*answer.sections(),
+        sections=[*answer.sections(shown),
                   *_sections(tables.trials, tables.configurations, tables.scores, tables.correlations, tables.ablation,
-                             tables.within, figures, notes)],
+                             tables.within, shown, notes, summary)],
     )
 
     outcome = AnalysisOutcome(out_dir, study, tables.trials, tables.scores, tables.correlations, tables.ablation,
-                              tables.configurations, warnings, files, None)
+                              tables.configurations, warnings, files, None, answer.sentences)
     if settings.log_to_mlflow:
         report("logging to MLflow", 0, 1)
         outcome.analysis_run_id = log_analysis_run(outcome, settings, time.perf_counter() - started)
@@ -320,7 +334,7 @@ def _tables(study: Study, scored: _Scored, runs: pd.DataFrame, context: list[str
     scores = scores[["run_id", "run_name", "label", "configuration", "block", "score", "value", "test_mae_meV", "num_params"]]
     report("correlations", 0, 1)
     correlations = correlate_scores(scores, compared, n_boot=settings.n_boot, n_perm=settings.n_perm, seed=settings.scores.seed)
-    ablation = ablation_effects(compared, context)
+    ablation = ablation_effects(compared, context, errors=scored.errors)
     report("correlations", 1, 1)
     configurations = survival_table(runs).merge(configuration_summary(trial_table, SUMMARY_METRICS), on="configuration", how="left",
                                                 suffixes=("", "_completed"))
@@ -335,53 +349,67 @@ def _tables(study: Study, scored: _Scored, runs: pd.DataFrame, context: list[str
                    pd.concat(scored.within, ignore_index=True), learned)
 
 
-PARETO_NAMES = {"num_params": "parameters", "best_val_mae_meV_mean": "val MAE mean (meV)", "best_val_mae_meV_sd": "val MAE sd",
-                "n_completed": "n", "test_mae_meV_mean": "test MAE mean (meV)"}
-
-
 @dataclass
 class _Findings:
     sentences: list[str]
+    groups: list[tuple[str, list[str]]]  # (name of the supporting figure, sentences), in the sentences' order
     importance: pd.DataFrame
     importance_n: int  # configurations Optuna's evaluator saw
     unvalued: int  # configurations without any finite validation MAE, left out of the importance
-    errors: pd.DataFrame  # mean +/- sd per configuration, ranked on validation
+    ranked: pd.DataFrame  # configurations with a completed seed, ranked on mean validation MAE
     pareto: pd.DataFrame
     figures: dict[str, tuple[Path, str]]
 
-    SHOWN = 10  # configurations listed in the findings; every one is in "Configurations and survivorship"
-
-    def sections(self):
-        """The report's first two sections: the findings, then Optuna's stock plots of the search."""
+    def sections(self, figures: dict[str, Figure]) -> list[Section]:
+        """The report's first two sections: the findings, each beside the figure that supports it,
+        then Optuna's stock plots of the search. ``figures``: every figure of the report, by name."""
         left_out = (f" {self.unvalued} configuration(s) without any finite validation MAE (diverged or failed in every "
                     "seed) are left out of the importance." if self.unvalued else "")
-        shown = self.errors.head(self.SHOWN)
-        listed = (f"The {len(shown)} best of {len(self.errors)} configurations on validation MAE (mean ± seed sd over "
-                  f"n completed seeds), test MAE beside the composition fit's; all {len(self.errors)} are in "
-                  "'Configurations and survivorship' below." if len(self.errors) > len(shown) else
-                  "Every configuration with a completed seed, ranked on validation MAE (mean ± seed sd over n completed "
-                  "seeds), test MAE beside the composition fit's.")
         front = self.pareto[self.pareto["on_front"]] if len(self.pareto) else self.pareto
         pareto_columns = [c for c in ("configuration", "l_values", "num_params", "best_val_mae_meV_mean",
                                       "best_val_mae_meV_sd", "n_completed", "test_mae_meV_mean") if c in front.columns]
-        figures = [self.figures[name] for name in ("pareto",) if name in self.figures]
-        optuna_plots = [self.figures[name] for name in ("optuna_importance", "optuna_history", "optuna_parallel", "optuna_slice")
-                        if name in self.figures]
+        ranked_columns = [c for c in ("configuration", "n_completed", "best_val_mae_meV_mean", "best_val_mae_meV_sd",
+                                      "test_mae_meV_mean", "test_mae_meV_sd", "baseline_test_mae_meV_mean",
+                                      "test_over_baseline_mean", "test_over_baseline_sd") if c in self.ranked.columns]
         return [
-            ("Findings",
-             "Parameter importance: Optuna's fANOVA over every configuration of the study "
-             f"({self.importance_n}), early-stopped ones at the epoch where they stopped, valued at the mean over seeds "
-             f"of the last validation MAE; mean, min and max over {found.FOREST_SEEDS} random-forest seeds and how often "
-             "each parameter came first; include_l<k>: whether the l set holds k." + left_out + " " + listed +
-             " Pareto front: configurations no other beats on both mean validation MAE and parameter count.",
-             [("importance", self.importance, "Importance of each varied parameter for the validation MAE"),
-              ("findings_configurations", shown, "Configurations ranked on validation MAE"),
-              ("pareto_front", front[pareto_columns].rename(columns=PARETO_NAMES), "Pareto front: validation MAE against size")],
-             figures, self.sentences),
-            ("The search as Optuna sees it",
-             "Optuna's stock plots of the same configurations (one Optuna trial per configuration, valued at the mean "
-             "over seeds of the last validation MAE).", [], optuna_plots),
+            Section(
+                "findings", "Findings", "Findings",
+                note="Parameter importance: Optuna's fANOVA over every configuration of the study "
+                f"({self.importance_n}), early-stopped ones at the epoch where they stopped, valued at the mean over "
+                f"seeds of the last validation MAE; mean, min and max over {found.FOREST_SEEDS} random-forest seeds and "
+                "how often each parameter came first; include_l<k>: whether the l set holds k." + left_out +
+                " Pareto front: configurations no other beats on both mean validation MAE and parameter count.",
+                findings=[Finding(sentences, figures.get(name)) for name, sentences in self.groups],
+                # Beside the figures of accuracy and cost, those of the findings that no sentence came with.
+                figures=[figures[name] for name in ("configuration_errors", "optuna_importance", "accuracy_vs_cost", "pareto")
+                         if name in figures and name not in dict(self.groups)],
+                tables=[
+                    Table("importance", self.importance, f"One row per varied parameter: its importance for the "
+                          f"validation MAE over {self.importance_n} configurations, most important first.", "importance.csv"),
+                    Table("findings_configurations", self.ranked[ranked_columns], "One row per configuration with a "
+                          "completed seed, ranked on mean validation MAE; its test MAE beside the composition fit's.",
+                          "configurations.csv"),
+                    Table("pareto_front", front[pareto_columns], "One row per configuration on the Pareto front of mean "
+                          "validation MAE against parameters, smallest first.", "pareto.csv"),
+                ],
+            ),
+            Section("search", "The search as Optuna sees it", "Optuna's view",
+                    note="Optuna's stock plots of the same configurations (one Optuna trial per configuration, valued at "
+                    "the mean over seeds of the last validation MAE).",
+                    figures=[figures[name] for name in ("optuna_history", "optuna_parallel", "optuna_slice") if name in figures]),
         ]
+
+
+def _finding_groups(sentences: list[str], n_ablation: int) -> list[tuple[str, list[str]]]:
+    """The findings' sentences with the figure that supports each, in their order. finding_sentences
+    says, in this order: what each l does (``n_ablation`` sentences: the forest plot), which
+    parameter mattered (fANOVA importance), which configuration won on validation (the errors per
+    configuration), then what holds among the correlations (score vs error) and among the
+    ablation effects (the forest plot again)."""
+    groups = [("ablation_effects", sentences[:n_ablation])]
+    for sentence in sentences[n_ablation:-2]:
+        groups.append(("configuration_errors" if sentence.startswith("Best on validation") else "optuna_importance", [sentence]))
+    return [*groups, ("score_vs_error", [sentences[-2]]), ("ablation_effects", [sentences[-1]])]
 
 
 def _findings(runs: pd.DataFrame, context: list[str], tables: _Tables, out_dir: Path) -> _Findings:
@@ -396,12 +424,16 @@ def _findings(runs: pd.DataFrame, context: list[str], tables: _Tables, out_dir: 
     if path:
         figures["pareto"] = (path, "Mean validation MAE (seed sd as bars) against parameters per configuration, marked by its "
                                    "largest l; red: the Pareto front, labelled with the l sets.")
+    terms = tables.ablation[tables.ablation["kind"].isin(["main", "interaction"])] if is_factorial(tables.ablation) else None
+    ablation_sentences = headline(tables.ablation)
     sentences = found.finding_sentences(
-        headline(tables.ablation), headline_estimates(tables.ablation), importance, len(values),
-        tables.configurations, tables.correlations, SIGNIFICANCE,
+        ablation_sentences, headline_estimates(tables.ablation), importance, len(values),
+        tables.configurations, tables.correlations, SIGNIFICANCE, terms,
     )
-    return _Findings(sentences, importance, len(values), unvalued, found.configuration_errors(tables.configurations),
-                     pareto, figures)
+    # Without an ablation contrast finding_sentences says so in one sentence.
+    groups = _finding_groups(sentences, max(len(ablation_sentences), 1))
+    ranked = tables.configurations.dropna(subset=["best_val_mae_meV_mean"]).sort_values("best_val_mae_meV_mean", kind="stable")
+    return _Findings(sentences, groups, importance, len(values), unvalued, ranked, pareto, figures)
 
 
 def per_trial_descriptor_table(within: pd.DataFrame) -> pd.DataFrame:
@@ -420,7 +452,7 @@ def _write_tables(out_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, P
 
 
 def _summary(experiment, parent_run_id, study, trial_table, compared, skipped, settings) -> dict[str, str]:
-    # Chosen on validation, never on test (DESIGN.md); its test MAE is reported.
+    # Chosen on validation, never on test (docs/analysis.md); its test MAE is reported.
     best = (trial_table.groupby("configuration")[["best_val_mae_meV", "test_mae_meV", "baseline_test_mae_meV"]].mean()
             .sort_values("best_val_mae_meV", kind="stable"))
     errors = "none"
@@ -462,13 +494,31 @@ def _molecule_table(trials: list[Trial], table: pd.DataFrame, error_columns: dic
 # The study-level figures `analyze` can write (each only when there is something to show), beside
 # the UMAP grids of single trials (umap_*.png). results/ folders publish a subset of them.
 STUDY_FIGURES = ("pareto.png", "optuna_importance.png", "optuna_history.png", "optuna_parallel.png", "optuna_slice.png",
-                 "ablation_effects.png", "correlation_heatmap.png", "score_vs_error.png", "norm_share_by_epoch.png")
+                 "ablation_effects.png", "correlation_heatmap.png", "score_vs_error.png", "norm_share_by_epoch.png",
+                 "configuration_errors.png", "accuracy_vs_cost.png")
 
 
 def _figures(out_dir, trials, trial_table, scores, correlations, ablation, projections, settings) -> dict[str, tuple[Path, str]]:
     figures: dict[str, tuple[Path, str]] = {}
-    path = plots.ablation_figure(ablation, out_dir / "ablation_effects.png")
+    path = plots.configuration_errors_figure(trial_table, out_dir / "configuration_errors.png")
     if path:
+        figures["configuration_errors"] = (
+            path, "Test MAE per configuration: the mean over seeds (bars: seed-to-seed sd; open dots: the seeds), ranked on "
+            "mean validation MAE with the best at the top, coloured by the configuration's largest l; dashed: the "
+            "composition fit's test MAE (band: its range, where the trials' test splits differ). '(not every seed)': "
+            "left out of the comparisons.")
+    path = plots.cost_figure(trial_table, out_dir / "accuracy_vs_cost.png")
+    if path:
+        figures["accuracy_vs_cost"] = (
+            path, "Accuracy against cost: mean test MAE over seeds (bars: seed sd) against parameters and against seconds "
+            "per training epoch (validation included; bars: seed sd), log axes, one point per configuration coloured by "
+            "its largest l; dashed: the composition fit's test MAE.")
+    path = plots.ablation_figure(ablation, out_dir / "ablation_effects.png")
+    if path and is_factorial(ablation):
+        figures["ablation_effects"] = (path, "Factorial effects with 95% intervals, on test MAE (left, meV) and as ratios "
+                                       "(right, log scale): main effects and interactions, then each simple effect "
+                                       "(adding l to one l set). " + ablation["interval"].iloc[0] + ".")
+    elif path:
         figures["ablation_effects"] = (path, "Change of test MAE when each l is included, with 95% intervals: paired "
                                        "comparisons, regression, and (grey, confounded) unpaired means.")
     path = plots.heatmap_figure(correlations, out_dir / "correlation_heatmap.png")
@@ -509,54 +559,101 @@ def _figures(out_dir, trials, trial_table, scores, correlations, ablation, proje
     return figures
 
 
-def _sections(trial_table, configurations, scores, correlations, ablation, within_table, figures, notes):
-    summary = (
+def _sections(trial_table, configurations, scores, correlations, ablation, within_table, figures: dict[str, Figure],
+              notes, summary: dict[str, str]) -> list[Section]:
+    """The report's sections after the findings. ``figures``: every figure of the report by name
+    (one the findings already show is a link back to it)."""
+    summary_table = (
         scores.groupby(["block", "score"])
         .agg(mean=("value", "mean"), std=("value", "std"), min=("value", "min"), max=("value", "max"),
              n_configurations=("configuration", "nunique"), n_trials=("value", "count"))
         .reset_index()
     )
-    rank = {name: k for k, name in enumerate(plots.block_order(summary["block"]))}
-    summary = summary.sort_values(["block", "score"], key=lambda col: col.map(rank) if col.name == "block" else col)
+    rank = {name: k for k, name in enumerate(plots.block_order(summary_table["block"]))}
+    summary_table = summary_table.sort_values(["block", "score"], key=lambda col: col.map(rank) if col.name == "block" else col)
     ranked = correlations.reindex(correlations["p_rho"].sort_values(kind="stable", na_position="last").index)
     within_wide = per_trial_descriptor_table(within_table)
     umaps = [figures[name] for name in figures if name.startswith("umap_")]
-    others = [figures[name] for name in ("correlation_heatmap", "score_vs_error", "norm_share_by_epoch") if name in figures]
-    forest = [figures["ablation_effects"]] if "ablation_effects" in figures else []
-    sentences = headline(ablation) or ["no l is in some configurations and not in others: the study has no ablation contrast."]
+    shown = [figures[name] for name in ("score_vs_error", "correlation_heatmap", "norm_share_by_epoch") if name in figures]
     return [
-        ("Ablation effects: what including each l does to the test error",
-         " ".join(s[0].upper() + s[1:] for s in sentences) + " Positive: including l made the error larger. "
-         "paired = trials that differ only in that l (same other parameters, same seed), interval over pairs of "
-         "configurations; regression = configurations' mean test MAE on inclusion indicators and the other varying "
-         "parameters (OLS, t intervals); unpaired = configurations with l minus those without, confounded, shown for comparison. "
-         "Only configurations whose seeds all completed.",
-         [("ablation", ablation)], forest),
-        ("Configurations and survivorship",
-         "Per configuration (every parameter but the seed): its trials and how many completed; mean and seed-to-seed sd "
-         "of test and best validation MAE; the composition fit's test MAE (baseline_test_mae_meV) and the model's MAE as "
-         "a fraction of it (test_over_baseline < 1: the model beats counting atoms). all_completed: the configuration "
-         "enters the comparisons. " + ("What did not complete is summarised in the box above." if notes else "Every trial completed."),
-         [("configurations", configurations)], []),
-        ("Trials",
-         "Completed trials, as logged, with the composition fit's test MAE (baseline_test_mae_meV) beside each model's; "
-         "in_comparisons: the configuration's seeds all completed. knockout_*_mae_meV: model and composition MAE on "
-         "the knockout molecules.",
-         [("trials", trial_table)], []),
-        ("Scores vs test error",
-         "Spearman rho and Kendall tau of each score with test MAE across configurations (means over seeds), 95% bootstrap "
-         "CIs over configurations, permutation p-values, partial rho given the named covariates that vary (and with "
-         "num_params added), a mixed model (random intercept per configuration) as a second opinion where seeds exist, "
-         "Benjamini-Hochberg q. within_share: the share of the score's variance that is seed-to-seed. The l0 and joint "
-         "knockouts are left out: they are determined by the test MAE itself. Sorted by p. Few configurations give wide "
-         "intervals: read them.",
-         [("correlations", ranked)], others),
-        ("Scores per block", "Mean, spread and range of every score across trials (scores.csv has every value; "
-         "configuration_scores.csv the mean and seed-to-seed sd per configuration).", [("score_summary", summary)], []),
-        ("Per-molecule error vs descriptors", "Spearman rho of |error| with each RDKit descriptor, within each trial (within_trial.csv has p and n).",
-         [("within_trial", within_wide)], []),
-        ("Latent maps", "UMAP projections are pictures of the invariant features; their faithfulness is the umap_trustworthiness score.", [], umaps),
+        _ablation_section(ablation, figures.get("ablation_effects")),
+        Section(
+            "configurations", "Configurations and survivorship", "Configurations",
+            note="Per configuration (every parameter but the seed): its trials and how many completed; mean and "
+            "seed-to-seed sd of test and best validation MAE; the composition fit's test MAE and the model's MAE as a "
+            "fraction of it (below 1: the model beats counting atoms). 'All seeds completed': the configuration enters "
+            "the comparisons. " + ("What did not complete is summarised in the box above." if notes else "Every trial completed."),
+            tables=[Table("configurations", configurations, "One row per configuration (every parameter but the seed), "
+                          "best mean test MAE first.", "configurations.csv")],
+        ),
+        Section(
+            "trials", "Trials", "Trials",
+            note="Completed trials, as logged, with the composition fit's test MAE beside each model's; 'in comparisons': "
+            "the configuration's seeds all completed. The knockout columns: the model's and the composition fit's MAE "
+            "on the molecules the knockouts were measured on.",
+            tables=[Table("trials", trial_table, "One row per completed trial (one seed of a configuration).", "trials.csv")],
+        ),
+        Section(
+            "correlations", "Scores vs test error", "Scores vs error",
+            note="Spearman rho and Kendall tau of each score with test MAE across configurations (means over seeds), 95% "
+            "bootstrap CIs over configurations, permutation p-values, partial rho given the named covariates that vary "
+            "(and with the parameter count added), a mixed model (random intercept per configuration) as a second "
+            "opinion where seeds exist, and the false-discovery-rate q. The seed-to-seed share: of the score's variance. "
+            "The l0 and joint knockouts are left out: they are determined by the test MAE itself. Sorted by p. Few "
+            "configurations give wide intervals: read them.",
+            figures=shown,
+            tables=[Table("correlations", ranked, "One row per block and score: its correlation with test MAE across "
+                          "configurations, smallest p first.", "correlations.csv")],
+        ),
+        Section(
+            "scores", "Scores per block", "Scores per block",
+            note="Mean, spread and range of every score across trials (scores.csv has every value; "
+            "configuration_scores.csv the mean and seed-to-seed sd per configuration).",
+            tables=[Table("score_summary", summary_table, "One row per block and score: its distribution over the "
+                          "analysed trials.", "scores.csv")],
+        ),
+        Section(
+            "descriptors", "Per-molecule error vs descriptors", "Error vs descriptors",
+            note="Spearman rho of |error| with each RDKit descriptor, within each trial (within_trial.csv has p and n).",
+            tables=[Table("within_trial", within_wide, "One row per trial: the rank correlation of its per-molecule "
+                          "|error| with each descriptor (a column each).", "within_trial.csv", kinds={"*": "ratio"})],
+        ),
+        Section("latent-maps", "Latent maps", "Latent maps",
+                note="UMAP projections are pictures of the invariant features; their faithfulness is the "
+                "umap_trustworthiness score.", figures=umaps),
+        Section("about", "About this analysis", "About", facts=summary),
     ]
+
+
+# Columns of a factorial table that hold one text for every row: said once in the section, not per row.
+FACTORIAL_CONSTANTS = ("method", "model", "interval")
+
+
+def _ablation_section(ablation: pd.DataFrame, forest: Figure | None) -> Section:
+    """The ablation effects, described by the model that produced them (the findings, at the top of
+    the page, say what they are)."""
+    text = "The findings above state each estimate. Positive: including l made the error larger. "
+    figures = [forest] if forest else []
+    if is_factorial(ablation):
+        constant = [name for name in FACTORIAL_CONSTANTS if ablation[name].nunique(dropna=False) == 1]
+        text += ("Rows: kind = main (the effect of including l, averaged with equal weight over the settings of the "
+                 "other orders), interaction (how much one order's effect changes when another is in), simple (adding l "
+                 "to one l set: the difference of two configurations' means over seeds), lack_of_fit (F test of the "
+                 "additive model against the one with every interaction). Effects on test MAE in meV, ratios on log test "
+                 "MAE (the factor by which including l multiplies the error); Holm-adjusted p over the main effects "
+                 "and interactions; simple effects are unadjusted. Only configurations whose seeds all completed. "
+                 + " ".join(f"Every row's {name}: {ablation[name].iloc[0]}." for name in constant))
+        table = Table("ablation", ablation.drop(columns=constant), "One row per factorial term (main effect, interaction), "
+                      "simple effect and lack-of-fit test.", "ablation.csv")
+        return Section("ablation", "Ablation effects: the factorial of the l sets", "Ablation", note=text, tables=[table],
+                       figures=figures)
+    text += ("paired = trials that differ only in that l (same other parameters, same seed), interval over pairs of "
+             "configurations; regression = configurations' mean test MAE on inclusion indicators and the other varying "
+             "parameters (OLS, t intervals); unpaired = configurations with l minus those without, confounded, shown for "
+             "comparison. Only configurations whose seeds all completed.")
+    table = Table("ablation", ablation, "One row per l and estimate (paired, regression, unpaired).", "ablation.csv")
+    return Section("ablation", "Ablation effects: what including each l does to the test error", "Ablation", note=text,
+                   tables=[table], figures=figures)
 
 
 def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, seconds: float) -> str:
@@ -591,7 +688,26 @@ def log_analysis_run(outcome: AnalysisOutcome, settings: AnalysisSettings, secon
             if math.isfinite(value):
                 metrics[f"ablation_{name}_meV/l{l}"] = value
     return tracking.log_analysis_run(study.tracking_uri, study.experiment_id, f"analysis {time.strftime('%Y%m%d-%H%M%S')}",
-                                     study.parent_run_id, params, metrics, outcome.out_dir, nest_under=analysed_sweep(study))
+                                     study.parent_run_id, params, metrics, outcome.out_dir, nest_under=analysed_sweep(study),
+                                     description=run_description(outcome))
+
+
+DESCRIPTION_CHARACTERS = 5000  # MLflow caps a tag's value (the description is one); the report has everything
+
+
+def run_description(outcome: AnalysisOutcome) -> str:
+    """The analysis run's description in MLflow (Markdown): the findings, then what limits them,
+    and where the whole report is, so the run's page says what the study found."""
+    trials = outcome.trials
+    lines = [f"**Findings** of {len(trials)} completed trials in {trials['configuration'].nunique()} configurations "
+             f"(irrep-study analyze):", "", *(f"- {sentence}" for sentence in outcome.findings)]
+    if outcome.notes:
+        lines += ["", "**Read with:**", "", *(f"- {note}" for note in outcome.notes)]
+    lines += ["", "The whole report, with its figures and tables: the artifact `report.html`."]
+    text = "\n".join(lines)
+    if len(text) > DESCRIPTION_CHARACTERS:
+        text = text[: DESCRIPTION_CHARACTERS - 40].rsplit("\n", 1)[0] + "\n\n(more in report.html)"
+    return text
 
 
 def analysed_sweep(study: Study) -> str | None:

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # before pyplot: analysis runs on servers and in CI without a display
 
@@ -20,6 +21,26 @@ import pandas as pd  # noqa: E402
 DPI = 110
 # Characters per line of a UMAP figure's title: about what 10 pt text fits across its 8 inches.
 UMAP_TITLE_WIDTH = 90
+
+
+# One colour per l, the same in every figure that colours by l or by a configuration's largest l:
+# Okabe and Ito's colour-blind-safe palette (its yellow left out: too pale on white), l = 0 grey.
+L_COLOURS = ("#555555", "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9")
+
+
+def l_colour(l: int) -> str:
+    """The colour of order l (past the palette's seven, the colours repeat)."""
+    return L_COLOURS[int(l) % len(L_COLOURS)]
+
+
+def largest_l(l_values: str) -> int:
+    """The largest order of a comma list of l values, as MLflow logs it ("0,1,2" -> 2)."""
+    return max(int(part) for part in str(l_values).split(",") if part.strip())
+
+
+def _block_l(name: str) -> int | None:
+    """The order of an irrep block named l0, l1, ...; None for lgt0 and joint."""
+    return int(name[1:]) if name.startswith("l") and name[1:].isdigit() else None
 
 
 def block_order(names) -> list[str]:
@@ -134,6 +155,9 @@ def heatmap_figure(correlations: pd.DataFrame, path: Path) -> Path | None:
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(table.to_numpy(dtype=float)), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, fontsize=8)
+    for label in ax.get_xticklabels():
+        if _block_l(label.get_text()) is not None:
+            label.set_color(l_colour(_block_l(label.get_text())))
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
     for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
         if np.isfinite(value):
@@ -192,7 +216,7 @@ def norm_share_figure(histories: list[tuple[str, float, dict[str, list[tuple[int
                 # they turn the dashed and dotted styles into noise.
                 marker = "o" if len(points) <= NORM_SHARE_MARKERS_UP_TO else None
                 ax.plot(epochs, values, marker=marker, markersize=2, linewidth=1, **styles[label])
-        ax.set_title(f"l = {l}", fontsize=9)
+        ax.set_title(f"l = {l}", fontsize=9, color=l_colour(l))
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("share of squared norm", fontsize=8)
         # One scale for every panel, the whole range of a share: a 1-3% share must look small.
@@ -215,9 +239,12 @@ def norm_share_figure(histories: list[tuple[str, float, dict[str, list[tuple[int
 def ablation_figure(table: pd.DataFrame, path: Path) -> Path | None:
     """Forest plot: per l, each estimate of the effect of including it on test MAE, with its 95% interval.
 
-    Paired and regression estimates in colour; the unpaired one (confounded) in grey. Estimates
-    without an interval are drawn as open markers.
+    A factorial table gets its own forest plot (:func:`factorial_figure`). Otherwise paired and
+    regression estimates in colour; the unpaired one (confounded) in grey. Estimates without an
+    interval are drawn as open markers.
     """
+    if len(table) and (table["method"] == "factorial").all():
+        return factorial_figure(table, path)
     shown = table[np.isfinite(table["effect_meV"].to_numpy(dtype=float))]
     if shown.empty:
         return None
@@ -239,9 +266,178 @@ def ablation_figure(table: pd.DataFrame, path: Path) -> Path | None:
                        label=f"{method} (no interval)")
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(orders)), [f"l = {l}" for l in orders])
+    for label, l in zip(ax.get_yticklabels(), orders):
+        label.set_color(l_colour(l))
     ax.set_ylim(len(orders) - 0.5, -0.5)  # l = first at the top
     ax.set_xlabel("change of test MAE when l is included (meV); < 0: including it helps", fontsize=8)
     ax.legend(fontsize=8, loc="best")
     ax.set_title("ablation effects with 95% intervals", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+FACTORIAL_KINDS = {"main": ("tab:blue", "main effect"), "interaction": ("tab:purple", "interaction"),
+                   "simple": ("tab:grey", "simple effect (adding l to one l set)")}
+
+
+def factorial_figure(table: pd.DataFrame, path: Path) -> Path | None:
+    """Two forest panels sharing rows: every factorial term (main effects, interactions) and simple
+    effect with its 95% interval, on test MAE in meV (left) and as a ratio on a log axis (right)."""
+    rows = table[table["kind"].isin(list(FACTORIAL_KINDS))].reset_index(drop=True)
+    rows = rows[np.isfinite(rows["effect_meV"].to_numpy(dtype=float))].reset_index(drop=True)
+    if rows.empty:
+        return None
+    labels = [
+        f"{row.term}" if row.kind in ("main", "interaction") else f"+{row.term} to [{row.context}]"
+        for row in rows.itertuples()
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.32 * len(rows) + 1.6), sharey=True)
+    y = np.arange(len(rows))
+    for kind, (color, label) in FACTORIAL_KINDS.items():
+        chosen = (rows["kind"] == kind).to_numpy()
+        if not chosen.any():
+            continue
+        part = rows[chosen]
+        for ax, (value, lo, hi) in zip(axes, (("effect_meV", "lo_meV", "hi_meV"), ("ratio", "ratio_lo", "ratio_hi"))):
+            v, a, b = (part[c].to_numpy(dtype=float) for c in (value, lo, hi))
+            ax.errorbar(v, y[chosen], xerr=[v - a, b - v], fmt="o", color=color, capsize=3, label=label, markersize=4)
+    axes[0].axvline(0.0, color="black", linewidth=0.8)
+    axes[1].axvline(1.0, color="black", linewidth=0.8)
+    axes[1].set_xscale("log")
+    # Plain numbers on the ratio axis (the default writes 4 x 10^-1).
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    axes[1].tick_params(axis="x", which="both", labelsize=7)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    for label, row in zip(axes[0].get_yticklabels(), rows.itertuples()):
+        if row.kind == "main":
+            label.set_color(l_colour(row.l))
+    axes[0].set_ylim(len(rows) - 0.5, -0.5)
+    axes[0].set_xlabel("change of test MAE (meV); < 0: including l helps", fontsize=8)
+    axes[1].set_xlabel("ratio of test MAE (log scale); < 1: including l helps", fontsize=8)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("factorial effects with 95% intervals", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
+    """matplotlib's choice of which log ticks to label (minor ones only on a short axis), printed as
+    plain numbers (20,000 and 0.3, not 2 x 10^4 and 3 x 10^-1), as the report's tables print them."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def plain_log_axis(axis) -> None:
+    """Plain numbers on the major and minor ticks of a log axis."""
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    axis.set_tick_params(which="both", labelsize=7)
+
+
+def _per_configuration(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration of the trial table (completed trials): mean and seed sd of test MAE, mean
+    validation MAE, its l set and largest l, mean parameters and seconds per epoch (with sd), and
+    whether every seed completed; ranked on mean validation MAE, best first."""
+    grouped = trials.groupby("configuration", sort=False)
+    table = pd.DataFrame({
+        "l_values": grouped["l_values"].first().astype(str),
+        "mae": grouped["test_mae_meV"].mean(),
+        "sd": grouped["test_mae_meV"].std(ddof=1),
+        "val": grouped["best_val_mae_meV"].mean(),
+        "complete": grouped["in_comparisons"].all(),
+    })
+    for column in ("num_params", "epoch_seconds"):
+        if column in trials:
+            table[column] = grouped[column].mean()
+            table[f"{column}_sd"] = grouped[column].std(ddof=1)
+    table["largest_l"] = table["l_values"].map(largest_l)
+    table = table[np.isfinite(table["mae"])]
+    return table.sort_values(["val", "mae"], kind="stable", na_position="last")
+
+
+def _largest_l_legend(ax, orders, extra=(), **kwargs) -> None:
+    handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="none", color=l_colour(l), label=f"largest l = {l}")
+               for l in sorted(orders)]
+    ax.legend(handles=[*handles, *extra], fontsize=7, **kwargs)
+
+
+def _composition_fit(ax, trials: pd.DataFrame, vertical: bool) -> list:
+    """The composition fit's test MAE as a dashed grey line, with a band over its range when the
+    trials' test splits differ; returns the legend handle."""
+    baseline = trials["baseline_test_mae_meV"].to_numpy(dtype=float)
+    baseline = baseline[np.isfinite(baseline)]
+    if not len(baseline):
+        return []
+    line, span = (ax.axvline, ax.axvspan) if vertical else (ax.axhline, ax.axhspan)
+    line(float(baseline.mean()), color="grey", linestyle="--", linewidth=1.2)
+    if baseline.max() - baseline.min() > 1e-6 * abs(baseline.mean()):
+        span(float(baseline.min()), float(baseline.max()), color="grey", alpha=0.15, linewidth=0)
+    return [matplotlib.lines.Line2D([], [], color="grey", linestyle="--", label="composition fit")]
+
+
+def configuration_errors_figure(trials: pd.DataFrame, path: Path) -> Path | None:
+    """Test MAE per configuration against the composition fit: the mean over seeds with the seed sd
+    as a bar and each seed as an open dot, coloured by the configuration's largest l, ranked on
+    mean validation MAE (best at the top: the order a selection on validation sees them in); the
+    composition fit's test MAE as a dashed line. ``trials``: the trial table of `analyze`."""
+    table = _per_configuration(trials)
+    if table.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(table) + 1.8))
+    for y, (configuration, row) in enumerate(table.iterrows()):
+        colour = l_colour(row["largest_l"])
+        seeds = trials.loc[trials["configuration"] == configuration, "test_mae_meV"].to_numpy(dtype=float)
+        ax.scatter(seeds, np.full(len(seeds), y), s=14, facecolors="none", edgecolors=colour, linewidths=0.8, zorder=2)
+        sd = row["sd"] if np.isfinite(row["sd"]) else None  # one seed: no bar rather than a zero one
+        ax.errorbar(row["mae"], y, xerr=sd, fmt="o", color=colour, capsize=3, markersize=5, zorder=3)
+    labels = [name if row["complete"] else f"{name} (not every seed)" for name, row in table.iterrows()]
+    ax.set_yticks(range(len(table)), labels, fontsize=7)
+    ax.set_ylim(len(table) - 0.5, -0.5)
+    fit = _composition_fit(ax, trials, vertical=True)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("test MAE (meV): mean over seeds, bar ± seed sd, open dots the seeds", fontsize=8)
+    ax.set_ylabel("configuration, best on validation at the top", fontsize=8)
+    seed = matplotlib.lines.Line2D([], [], marker="o", linestyle="none", markerfacecolor="none", color="grey", label="one seed")
+    _largest_l_legend(ax, table["largest_l"].unique(), extra=[seed, *fit], loc="best")
+    ax.set_title("test error per configuration against the composition fit", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+COST_AXES = {"num_params": "parameters", "epoch_seconds": "seconds per training epoch (validation included)"}
+COST_LABELS_UP_TO = 10  # configurations; past this, labels on the points would overlap
+
+
+def cost_figure(trials: pd.DataFrame, path: Path) -> Path | None:
+    """Accuracy against cost: mean test MAE over seeds (bars: seed sd) against parameters and
+    against seconds per epoch (bars: seed sd of the wall time), log axes, one point per
+    configuration coloured by its largest l; the composition fit as a dashed line. A cost the
+    trials did not log (no finite value) gets no panel."""
+    table = _per_configuration(trials)
+    costs = [name for name in COST_AXES if name in table and np.isfinite(table[name]).any()]
+    if table.empty or not costs:
+        return None
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False, sharey=True)
+    for ax, cost in zip(axes[0], costs):
+        shown = table[np.isfinite(table[cost])]
+        for _, row in shown.iterrows():
+            xerr = row[f"{cost}_sd"] if np.isfinite(row[f"{cost}_sd"]) and row[f"{cost}_sd"] > 0 else None
+            yerr = row["sd"] if np.isfinite(row["sd"]) else None
+            ax.errorbar(row[cost], row["mae"], xerr=xerr, yerr=yerr, fmt="o", color=l_colour(row["largest_l"]),
+                        capsize=2, markersize=5)
+        if len(shown) <= COST_LABELS_UP_TO:
+            for _, row in shown.iterrows():
+                ax.annotate(f"l={row['l_values']}", (row[cost], row["mae"]), textcoords="offset points", xytext=(4, 3),
+                            fontsize=6.5, color="#333333")
+        fit = _composition_fit(ax, trials, vertical=False)
+        ax.set_xscale("log")
+        plain_log_axis(ax.xaxis)
+        ax.set_xlabel(COST_AXES[cost], fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("test MAE (meV), mean ± seed sd", fontsize=8)
+    _largest_l_legend(axes[0, -1], table["largest_l"].unique(), extra=fit, loc="best")
+    fig.suptitle("accuracy against cost, one point per configuration", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,76 +1,125 @@
-"""A self-contained HTML report: tables and PNG figures inlined (base64), no external resources,
-so it can be mailed, attached to an MLflow run, or opened offline."""
+"""The analysis as a results page: one self-contained HTML file (figures inlined as base64, one
+stylesheet, no script, nothing loaded from elsewhere), so it can be mailed, attached to an MLflow
+run, or opened offline.
+
+The page is rendered from a Jinja2 template (templates/report.html.j2, its stylesheet
+templates/report.css). It opens with a contents bar linking every section and the findings, each
+beside the figure that supports it; figures and tables are numbered in order of appearance, every
+table has a one-line caption saying what a row is and a link to the CSV beside report.html that
+holds it at full precision (the HTML is formatted by analysis/format.py; the CSV is not), and a
+long table shows its first rows with the others folded into a <details> element. Wide tables
+scroll inside their own container, never the page.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import pandas as pd
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; font-size: 0.8em; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
-img { max-width: 100%; } .note { font-size: 0.85em; color: #555; }
-.warning { border: 2px solid #c62828; background: #fdecea; padding: 0.5em 1em; margin: 1em 0; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 0.9em; }
-dt { font-weight: 600; }
-ul.findings { font-size: 1em; line-height: 1.5; } p.caption { font-weight: 600; font-size: 0.85em; margin: 1em 0 0.2em; }
-"""
+from analysis.format import display_columns
+
+TEMPLATES = Path(__file__).parent / "templates"
+ROWS_SHOWN = 10  # a longer table shows this many rows; the others are one click away
+WIDE = 2.2  # a figure wider than this many times its height gets the whole width of the page, not half
 
 
-def _table(frame: pd.DataFrame, table_id: str) -> str:
-    if frame.empty:
-        return '<p class="note">(empty)</p>'
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, table_id=table_id, escape=True)
+@dataclass
+class Figure:
+    name: str  # the PNG's file name without .png: its anchor (#figure-NAME) and its file beside report.html
+    path: Path
+    caption: str
 
 
-def _figure(path: Path, caption: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (
-        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-    )
+@dataclass
+class Table:
+    id: str  # the HTML id of the <table>
+    frame: pd.DataFrame
+    caption: str  # one line: what a row is
+    csv: str  # the file beside report.html with every row and column at full precision
+    kinds: dict[str, str] = field(default_factory=dict)  # number formats by column (analysis/format.py)
 
 
-def write_report(
-    path: Path,
-    title: str,
-    summary: dict[str, str],
-    sections: list[tuple[str, str, list[tuple[str, pd.DataFrame]], list[tuple[Path, str]]]],
-    warnings: list[str] | None = None,
-) -> Path:
-    """``sections``: (heading, explanatory note, [(table id, table) or (table id, table, caption)],
-    [(png, caption)]) each, optionally with a fifth element: sentences shown as a list before the
-    note (the findings). ``warnings``: sentences shown in a box above the sections (what limits
-    every result below)."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in summary.items()) + "</dl>",
-    ]
-    if warnings:
-        parts.append('<div class="warning" id="warnings">' + "".join(f"<p>{html.escape(w)}</p>" for w in warnings) + "</div>")
-    for heading, note, tables, figures, *points in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        if points and points[0]:
-            parts.append('<ul class="findings">' + "".join(f"<li>{html.escape(p)}</li>" for p in points[0]) + "</ul>")
-        if note:
-            parts.append(f'<p class="note">{html.escape(note)}</p>')
-        for table_id, frame, *caption in tables:
-            if caption:
-                parts.append(f'<p class="caption">{html.escape(caption[0])}</p>')
-            parts.append(_table(frame, table_id))
-        for png, caption in figures:
-            parts.append(_figure(png, caption))
-    parts.append("</body></html>")
+@dataclass
+class Finding:
+    sentences: list[str]
+    figure: Figure | None = None  # the figure that supports them, shown beside them
+
+
+@dataclass
+class Section:
+    id: str  # the anchor the contents bar links to
+    heading: str
+    contents: str  # its short name in the contents bar
+    note: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)  # a definition list (what was analysed, how)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's header: given to <img>, the page's layout is known before
+    the images are decoded."""
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+class _Numbering:
+    """Figures and tables numbered in order of first appearance; a figure met again is a link to
+    the first one, not a second copy of its pixels."""
+
+    def __init__(self):
+        self.figures: dict[str, int] = {}
+        self.tables = 0
+
+    def figure(self, figure: Figure | None) -> dict | None:
+        if figure is None:
+            return None
+        if figure.name in self.figures:
+            return {"name": figure.name, "number": self.figures[figure.name], "first": False}
+        self.figures[figure.name] = len(self.figures) + 1
+        data = Path(figure.path).read_bytes()
+        width, height = _png_size(data)
+        return {"name": figure.name, "number": self.figures[figure.name], "first": True, "caption": figure.caption,
+                "file": Path(figure.path).name, "width": width, "height": height, "wide": width > WIDE * height,
+                "src": "data:image/png;base64," + base64.b64encode(data).decode("ascii")}
+
+    def table(self, table: Table) -> dict:
+        self.tables += 1
+        columns = display_columns(table.frame, table.kinds)
+        classes = [column.css_class for column in columns]
+        rows = [[(column.cells[i], kind) for column, kind in zip(columns, classes)] for i in range(len(table.frame))]
+        return {"id": table.id, "number": self.tables, "caption": table.caption, "csv": table.csv,
+                "header": [(column.name, kind) for column, kind in zip(columns, classes)],
+                "rows": rows[:ROWS_SHOWN], "rest": rows[ROWS_SHOWN:]}
+
+
+def render_report(title: str, lede: str, sections: list[Section], warnings: list[str] | None = None) -> str:
+    """The page as text. ``lede``: one line under the title (what was analysed); ``warnings``:
+    sentences in a box above the findings (what limits every result below)."""
+    numbering = _Numbering()
+    shown = []
+    for section in sections:
+        shown.append({
+            "id": section.id, "heading": section.heading, "contents": section.contents, "note": section.note,
+            "facts": section.facts,
+            "findings": [{"sentences": f.sentences, "figure": numbering.figure(f.figure)} for f in section.findings],
+            "tables": [numbering.table(table) for table in section.tables],
+            "figures": [numbering.figure(figure) for figure in section.figures],
+        })
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True,
+                                     lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return environment.get_template("report.html.j2").render(title=title, lede=lede, warnings=warnings or [],
+                                                             sections=shown)
+
+
+def write_report(path: Path, title: str, lede: str, sections: list[Section], warnings: list[str] | None = None) -> Path:
+    """`render_report` written to ``path``; the CSV files its tables link to belong beside it."""
     path = Path(path)
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text(render_report(title, lede, sections, warnings), encoding="utf-8")
     return path

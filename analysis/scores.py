@@ -26,6 +26,14 @@ same number of features, its m standardized channel magnitudes, see analysis/fea
 - ``knn_residual`` / ``knn_nsps``: 1 - mean |y_i - y_j| over each molecule's k nearest neighbours
   in the block / mean |y_a - y_b| over all pairs: 0 = neighbours are no more alike than random
   pairs, 1 = neighbours have identical values.
+- The model's prediction is a linear map of the summed l = 0 embedding (the readout is an
+  equivariant linear map to 1x0e per atom, summed over atoms, then nn.Linear(1, 1)), and the l0
+  features are the signed l = 0 scalars themselves. So a linear probe of the residual on ``l0`` or
+  ``joint`` recovers the model's own prediction of it, and its R^2 is (nearly) the model's own
+  accuracy; likewise ``knn_residual`` there (neighbours in a space where the prediction is a linear
+  direction have similar predictions). Across trials they track the test MAE by construction: see
+  :data:`DETERMINED_BY_ERROR`. On l >= 1 blocks (invariant norms, not the readout's input) they
+  measure what the block carries.
 - ``umap_trustworthiness``: sklearn's trustworthiness of the block's 2D UMAP projection (how
   faithfully the picture that the paper judged by eye keeps the block's neighbourhoods).
 
@@ -61,11 +69,18 @@ UTILIZATION_SCORES = ("norm_share", "variance_share", "participation_ratio", "ef
 STRUCTURE_SCORES = ("probe_r2_residual", "probe_r2_nsps", "knn_residual", "knn_nsps", "umap_trustworthiness")
 FUNCTIONAL_SCORES = ("knockout_all_share", "knockout_last_share")
 ALL_SCORES = UTILIZATION_SCORES + STRUCTURE_SCORES + FUNCTIONAL_SCORES
-# (block, score) pairs that are a function of the test MAE itself: zeroing l0 (or everything)
-# leaves only the head's bias on top of the target reference (a constant, or the composition fit),
-# so the knocked-out MAE is nearly the same for every trial of a split and the share is
-# (constant - MAE) / (baseline - MAE). Correlating them with the test MAE finds that identity.
-DETERMINED_BY_ERROR = frozenset((block, score) for block in ("l0", "joint") for score in FUNCTIONAL_SCORES)
+# (block, score) pairs that are a function of the test MAE itself; correlating them with the test
+# MAE across trials finds that identity, not a property of the representation.
+# - Knockouts: zeroing l0 (or everything) leaves only the head's bias on top of the target
+#   reference (a constant, or the composition fit), so the knocked-out MAE is nearly the same for
+#   every trial of a split and the share is (constant - MAE) / (baseline - MAE).
+# - Residual probe and kNN: the prediction is a linear function of the l0 scalars (see the module
+#   doc), so on l0 and joint these scores measure how well the model's own prediction matches the
+#   residual target, i.e. its test error.
+PREDICTION_SCORES = ("probe_r2_residual", "knn_residual")
+DETERMINED_BY_ERROR = frozenset(
+    (block, score) for block in ("l0", "joint") for score in FUNCTIONAL_SCORES + PREDICTION_SCORES
+)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ of its seeds, with their sd beside it: one lucky seed does not make a winner. Co
 two sweeps (parent runs) of one study are never merged: the sweeps may have run other code.
 
 Ranking is by the best validation MAE by default: selection uses validation metrics and test
-metrics are only reported (DESIGN.md), otherwise the exported winner is the configuration that
+metrics are only reported (docs/analysis.md), otherwise the exported winner is the configuration that
 happened to do best on the test set and its test MAE is an optimistic estimate. Each row shows the
 test MAE beside the composition fit's (``baseline_test_mae_meV``): a model is only useful where it
 beats counting atoms.

@@ -270,6 +270,22 @@ def train(
         raise typer.Exit(1)
 
 
+def _print_runs_page(uri: str, experiment_id: str, as_json: bool) -> None:
+    """The MLflow UI's page of the experiment's training runs, when the tracking URI is a server:
+    MLflow 3 opens an experiment in its GenAI view, where a sweep looks empty. On stderr under
+    --json (stdout holds the document)."""
+    from study import tracking
+
+    url = tracking.runs_page_url(uri, experiment_id)
+    if url is None:
+        return
+    line = f"MLflow runs: {url}"
+    if as_json:
+        log.print(line, markup=False)
+    else:
+        typer.echo(line)
+
+
 TrackingUriOption = Annotated[
     Optional[str],
     typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
@@ -337,6 +353,7 @@ def sweep(
         log.print(f"interrupted: {left} trial(s) unfinished; continue with: irrep-study sweep {space_path} --resume")
         raise typer.Exit(INTERRUPTED_EXIT)
     if as_json:
+        _print_runs_page(uri, outcome.experiment_id, as_json)
         return
     best = report["best"]
     counts: dict[str, int] = {}
@@ -353,6 +370,7 @@ def sweep(
     if outcome.optuna_storage:
         typer.echo(f"optuna study {outcome.optuna_study!r}: optuna-dashboard {redact(outcome.optuna_storage)}")
     typer.echo(f"next: irrep-study best --experiment {outcome.experiment}" + (f" --tracking-uri {redact(uri)}" if tracking_uri else ""))
+    _print_runs_page(uri, outcome.experiment_id, as_json)
 
 
 @app.command()
@@ -422,7 +440,7 @@ def best(
     if register is not None and not register.strip():
         raise UserError("--register: give the registered model's name")
     if register is not None and "test" in metric:
-        # Selection uses validation metrics (DESIGN.md): a model chosen on the test set is not registered.
+        # Selection uses validation metrics (docs/analysis.md): a model chosen on the test set is not registered.
         raise UserError(f"--register: the registered model is chosen on validation; drop --by {metric}")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     ranking = rank_configurations(uri, experiment, metric, top, where, parent)
@@ -461,6 +479,7 @@ def best(
                     "trial_runs": ranking["runs"], "total_configurations": ranking["total_configurations"],
                     "left_out": ranking["left_out"], "configurations": configurations,
                     **({"registered": registered} if registered else {})})
+        _print_runs_page(uri, tracking.find_experiment(uri, experiment), as_json)
         return
     from rich.table import Table
 
@@ -486,6 +505,7 @@ def best(
             "-" if ratio is None else f"{ratio:.2f}", "-" if size is None else str(size), statuses_text(row["statuses"]),
         )
     Console(width=160).print(table)
+    _print_runs_page(uri, tracking.find_experiment(uri, experiment), as_json)
 
 
 @app.command()
@@ -546,6 +566,7 @@ def analyze(
     document = outcome.to_dict()
     if as_json:
         _emit_json(document)
+        _print_runs_page(outcome.study.tracking_uri, outcome.study.experiment_id, as_json)
         return
     typer.echo(f"analysed {document['trials_analysed']} trials of {experiment!r} -> {out}")
     for note in document["notes"]:
@@ -559,6 +580,32 @@ def analyze(
             f"{row['n_configurations']} configurations ({row['n_trials']} trials)"
         )
     typer.echo(f"report: {document['files']['report']}" + (f"  (MLflow run {outcome.analysis_run_id})" if outcome.analysis_run_id else ""))
+    _print_runs_page(outcome.study.tracking_uri, outcome.study.experiment_id, as_json)
+
+
+@app.command()
+def reanalyze(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="An analysis folder: trials.csv, scores.csv (molecules.csv if kept).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where to write (default: FOLDER itself).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples and permutations per correlation.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Recompute the study-level statistics (ablation effects, correlations) from an analysis folder's tables."""
+    from analysis.reanalysis import reanalyse
+
+    if bootstrap < 100:
+        raise UserError(f"--bootstrap: must be at least 100, got {bootstrap}")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    writable_folder(out or folder, "--out")
+    result = reanalyse(folder, out, n_boot=bootstrap, n_perm=bootstrap, seed=seed)
+    if as_json:
+        _emit_json({"files": {name: str(path) for name, path in result.files.items()}, "findings": result.sentences})
+        return
+    for sentence in result.sentences:
+        typer.echo(sentence)
+    typer.echo("wrote " + ", ".join(str(path) for path in result.files.values()))
 
 
 class BenchDevice(str, Enum):

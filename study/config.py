@@ -17,7 +17,7 @@ from study.errors import UserError
 from study.lvalues import validate_l_values
 from study.targets import TARGETS
 
-# The reference normalisation of SEED.md: mean and standard deviation of U0_atom over QM9, in eV.
+# The reference normalisation of the paper (docs/science.md): mean and standard deviation of U0_atom over QM9, in eV.
 REFERENCE_U0_ATOM_MEAN = -76.1160
 REFERENCE_U0_ATOM_STD = 10.3238
 
@@ -38,7 +38,7 @@ class ConfigError(UserError):
 
 
 class TrialConfig(BaseModel):
-    """One training run of the reference model. Defaults are the reference setup of SEED.md."""
+    """One training run of the reference model. Defaults are the reference setup of the paper (docs/science.md)."""
 
     # allow_inf_nan=False: YAML's .inf, .nan and 1e400 are refused here, not as a diverged or
     # crashed run (lr: .inf, cutoff: .inf and target_mean: .nan would otherwise validate).

@@ -56,7 +56,7 @@ _DIRECT_COLUMNS = {
     "C": ("RotC_GHz", 1.0),
 }
 
-# B3LYP/6-31G(2df,p) energies of the free atoms (Hartree), QM9's atomref table (SEED.md).
+# B3LYP/6-31G(2df,p) energies of the free atoms (Hartree), QM9's atomref table (docs/science.md).
 ATOMIC_NUMBERS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 ATOM_REFERENCES_HARTREE = {
     # element: (U0, U at 298 K, H at 298 K, G at 298 K)

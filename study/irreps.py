@@ -4,7 +4,7 @@ A hidden feature of the reference model is e3nn's flat layout of ``m x l`` block
 other in the order of the irreps string. Inside a block the layout is multiplicity-major: channel
 ``c``, component ``k`` (0 <= k < 2l+1) is at ``start + c * (2l+1) + k``. Splitting an embedding per
 order therefore takes ``(2l+1) * multiplicity`` dimensions per block; splitting by multiplicity
-alone (the mistake SEED.md warns about) silently mixes blocks. :class:`IrrepsLayout` is the one
+alone (the mistake docs/science.md warns about) silently mixes blocks. :class:`IrrepsLayout` is the one
 place that computes these offsets; analysis code must slice through it.
 """
 

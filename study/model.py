@@ -1,4 +1,4 @@
-"""The reference model of SEED.md (EquiTriton's ``EquiTritonModel`` plus its ``nn.Linear(1, 1)`` head).
+"""The reference model of docs/science.md (EquiTriton's ``EquiTritonModel`` plus its ``nn.Linear(1, 1)`` head).
 
 Built only from e3nn's own blocks so that every order l, contiguous or not, goes through the same
 well-tested code: ``o3.spherical_harmonics`` for edge directions, ``soft_one_hot_linspace`` for the

@@ -767,7 +767,7 @@ class SweepOutcome:
     optuna_study: str | None = None
 
     def to_dict(self) -> dict:
-        # Chosen on validation, never on test (DESIGN.md): the test MAE is only reported.
+        # Chosen on validation, never on test (docs/analysis.md): the test MAE is only reported.
         finished = [t for t in self.trials if t.get("best_val_mae_meV") is not None and t.get("test_mae_meV") is not None]
         best = min(finished, key=lambda t: t["best_val_mae_meV"]) if finished else None
         return {

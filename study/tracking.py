@@ -4,7 +4,7 @@ Everything goes through an explicit `MlflowClient` (no fluent global state), so 
 its own process, on any node, straight to the tracking server. The one module that reads and
 writes runs; what the server could not take waits in a sweep's journal (study/journal.py).
 
-Names other parts rely on (see DESIGN.md):
+Names other parts rely on (README.md, "Outputs of a trial"):
 - tags: `irrep_study.role` = sweep | trial | analysis; on trials `irrep_study.status` =
   running | completed | stopped_early | diverged | failed | interrupted,
   `irrep_study.reason`, and
@@ -25,7 +25,8 @@ On a sweep's parent run: the search space's summary as params, the validated spa
 and `irrep_study.git_dirty`, and each time a trial completes (step = trials completed so far):
 `best_val_mae_meV` (the lowest over completed trials), `best_trial_test_mae_meV` (that trial's test
 MAE, only reported) and `trials_finished`. An analysis run (role=analysis) is nested under the
-sweep whose trials it analysed, with a few summary metrics; its tables are artifacts.
+sweep whose trials it analysed, with a few summary metrics; its tables and report.html are
+artifacts, and its description (`mlflow.note.content`) is the report's findings.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ REASON_TAG = "irrep_study.reason"
 TRIAL_ID_TAG = "irrep_study.trial_id"
 ANALYZED_PARENT_TAG = "irrep_study.analyzed_parent"  # on an analysis run: the sweep it analysed
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (Markdown)
 VERSION_TAG = "irrep_study.version"
 GIT_DIRTY_TAG = "irrep_study.git_dirty"  # "true" when the checkout had uncommitted changes to tracked files
 SEARCH_SPACE_ARTIFACT = "search_space.yaml"
@@ -70,6 +72,15 @@ def redact(uri: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def runs_page_url(uri: str, experiment_id: str) -> str | None:
+    """The MLflow UI's page of an experiment's runs, for a tracking server (http or https); None
+    for a local store (sqlite, file), which has no UI of its own. MLflow 3 opens an experiment in
+    its GenAI view for a new browser, where a sweep's training runs do not show: this page does."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return None
+    return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -322,13 +333,16 @@ def sweep_runs(uri: str, experiment_id: str) -> dict[str, object]:
 
 
 def log_analysis_run(uri: str, experiment_id: str, name: str, parent_run_id: str | None, params: dict[str, object],
-                     metrics: dict[str, float], folder: Path, nest_under: str | None = None) -> str:
+                     metrics: dict[str, float], folder: Path, nest_under: str | None = None,
+                     description: str | None = None) -> str:
     """One run (role=analysis) in the study's experiment: params, final metrics and every file of
     `folder`; it ends FAILED, and the error is raised, when a write fails.
 
     `parent_run_id` is the sweep the analysis was restricted to (`--parent`); `nest_under` the
     sweep run it is nested under (mlflow.parentRunId), so that it sits beside that sweep's trials
-    instead of among the experiment's top-level runs. Readers of trials filter on the role tag."""
+    instead of among the experiment's top-level runs. Readers of trials filter on the role tag.
+    `description` (Markdown) becomes the run's description in the MLflow UI (its
+    mlflow.note.content tag): what the study found, on the run's page."""
     from mlflow.entities import Metric
 
     mlflow_client = client(uri)
@@ -337,6 +351,8 @@ def log_analysis_run(uri: str, experiment_id: str, name: str, parent_run_id: str
         tags[ANALYZED_PARENT_TAG] = parent_run_id
     if nest_under:
         tags[PARENT_TAG] = nest_under
+    if description:
+        tags[NOTE_TAG] = description
     run_id = mlflow_client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
         log_params(mlflow_client, run_id, {key: str(value) for key, value in params.items()})

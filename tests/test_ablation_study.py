@@ -44,9 +44,12 @@ def test_the_ablation_space_trains_every_configuration_and_seed_and_estimates_th
     # One epoch on 240 molecules does not beat counting atoms, and the analysis says so first.
     assert any("do not clearly beat the composition fit" in note for note in analysed["notes"])
     effects = pd.read_csv(out / "ablation.csv")
-    paired = effects[(effects["l"] == 1) & (effects["method"] == "paired")].iloc[0]
-    # One configuration pair ([0, 1] vs [0]) measured with both seeds.
-    assert (paired["n_pairs"], paired["n_configuration_pairs"], paired["n_trials"]) == (2, 1, 4)
+    # [0, 1] and [0], nothing else varied: a 2^1 factorial, its seeds the replicates.
+    main = effects[effects["kind"] == "main"].iloc[0]
+    assert set(effects["method"]) == {"factorial"} and (main["l"], main["n_trials"], main["df"]) == (1, 4, 2)
+    # Every trial's per-molecule errors are in the analysis, so the intervals carry the test set's sampling.
+    assert main["interval"].startswith("seed residual + test-molecule sampling")
+    assert (out / "findings.txt").read_text().startswith("The l sets form a 2^1 factorial: l=1 each in or out, always in: 0;")
     configurations = pd.read_csv(out / "configurations.csv")
     assert sorted(configurations["configuration"]) == ["l=0", "l=0,1"]
     assert (configurations["n_completed"] == 2).all()

@@ -152,14 +152,24 @@ def test_headline_sentences_name_effect_interval_and_number_of_pairs():
 
 
 def test_a_single_configuration_pair_says_its_interval_is_seed_noise_only():
-    trials, context = synthetic_trials(np.random.default_rng(6), [{"l": (1,)}, {"l": ()}], seeds=4)
+    # Not a factorial (the hidden size varies), and only one pair of configurations differs in l=1 alone.
+    trials, context = synthetic_trials(np.random.default_rng(6), [{"l": (1,)}, {"l": ()}, {"l": (2,), "h": 8}], seeds=4)
     table = ablation_effects(trials, context)
     paired = by_method(table, "paired").loc[1]
     assert paired["n_pairs"] == 4 and paired["n_configuration_pairs"] == 1 and paired["interval"] == "t over seeds"
     assert "seed noise only" in paired["note"]
-    # Two configurations cannot support a regression with an interval: said, not invented.
+    # Three configurations cannot support a regression with an interval: said, not invented.
     regression = by_method(table, "regression").loc[1]
     assert math.isnan(regression["lo_meV"]) and "too few" in regression["note"]
+
+
+def test_two_l_sets_and_nothing_else_varied_are_analysed_as_a_factorial():
+    trials, context = synthetic_trials(np.random.default_rng(6), [{"l": (1,)}, {"l": ()}], seeds=4)
+    table = ablation_effects(trials, context)
+    main = table[table["kind"] == "main"].iloc[0]
+    assert set(table["method"]) == {"factorial"} and main["l"] == 1 and main["df"] == 6
+    means = trials.groupby("l_values")["test_mae_meV"].mean()
+    assert main["effect_meV"] == pytest.approx(means["0,1"] - means["0"])
 
 
 def test_configurations_that_do_not_clearly_beat_the_composition_fit_are_named():

@@ -8,10 +8,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from analysis.correlate import correlate_scores
 from analysis.features import analysis_blocks, channel_magnitudes, standardized_features
 from analysis.scores import (
+    ALL_SCORES,
     DETERMINED_BY_ERROR,
     FUNCTIONAL_SCORES,
     ScoreSettings,
@@ -122,3 +124,53 @@ def test_l0_and_joint_knockouts_are_not_correlated_with_the_test_mae():
     table = correlate_scores(pd.DataFrame(rows), trials, n_boot=200, n_perm=200)
     assert set(zip(table["block"], table["score"])) == {("l1", score) for score in FUNCTIONAL_SCORES}
     assert {("l0", "knockout_all_share"), ("joint", "knockout_last_share")} <= DETERMINED_BY_ERROR
+
+
+def test_scores_that_recover_the_models_own_prediction_are_not_correlated_with_the_test_mae():
+    # The model's prediction is a linear map of the summed l = 0 embedding (an equivariant linear
+    # readout to 1x0e per atom, summed over atoms, then nn.Linear(1, 1)), so the graph embedding's
+    # l0 scalars hold the prediction as one linear direction. Here: the same molecules in every
+    # trial, a model whose error grows from trial to trial, and an l0 block holding its prediction
+    # of the residual target (standardized: the embedding's scale says nothing about the error)
+    # plus one unrelated feature; l1 is noise of a fixed scale.
+    rng = np.random.default_rng(6)
+    n, m, trials_count = 300, 8, 10
+    layout = IrrepsLayout.from_irreps(f"{m}x0e+{m}x1o")
+    residual = rng.normal(size=n)
+    nsps = rng.uniform(size=n)
+    mixing = rng.normal(size=(2, m))
+    settings = ScoreSettings(umap=False, max_molecules=None)
+    maes, values = [], {}
+    for trial, error_scale in enumerate(np.linspace(0.1, 1.0, trials_count)):
+        error = rng.normal(scale=error_scale, size=n)
+        prediction = residual + error
+        latent = np.column_stack([stats.zscore(prediction), rng.normal(size=n)])
+        l0 = latent @ mixing + 0.01 * rng.normal(size=(n, m))
+        l1 = rng.normal(size=(n, m * 3))
+        scores = score_embedding(np.concatenate([l0, l1], axis=1), layout, residual, nsps, settings).values
+        maes.append(1000.0 * np.abs(error).mean())
+        for block, block_scores in scores.items():
+            for score, value in block_scores.items():
+                values.setdefault((block, score), []).append(value)
+    tracking = {
+        key for key, series in values.items()
+        if np.isfinite(series).all() and np.ptp(series) > 0 and abs(stats.spearmanr(series, maes).statistic) > 0.95
+    }
+    # Not vacuous: the probe and the neighbours of the l0 (and joint) features find the model's own error.
+    assert {("l0", "probe_r2_residual"), ("l0", "knn_residual"), ("joint", "probe_r2_residual")} <= tracking
+    assert tracking <= DETERMINED_BY_ERROR, sorted(tracking - DETERMINED_BY_ERROR)
+    assert {(block, score) for block in ("l0", "joint") for score in ("probe_r2_residual", "knn_residual")} <= DETERMINED_BY_ERROR
+
+    trials = pd.DataFrame({
+        "run_id": [f"r{k}" for k in range(trials_count)], "configuration": [f"c{k}" for k in range(trials_count)],
+        "test_mae_meV": maes, "num_params": 1e4, "hidden_dim": 8, "num_layers": 2, "lr": 1e-3,
+    })
+    rows = [
+        {"run_id": f"r{k}", "block": block, "score": score, "value": value}
+        for (block, score), series in values.items() for k, value in enumerate(series)
+    ]
+    table = correlate_scores(pd.DataFrame(rows), trials, n_boot=0, n_perm=200, mixed=False)
+    tested = set(zip(table["block"], table["score"]))
+    assert not tested & DETERMINED_BY_ERROR
+    assert tested == set(values) - DETERMINED_BY_ERROR
+    assert set(ALL_SCORES) - set(FUNCTIONAL_SCORES) == {score for _, score in values}

@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+import analysis.correlate as correlate_module
 from analysis.correlate import (
+    CORRELATION_COLUMNS,
+    FDR_LEVEL,
     MIN_N_FOR_INTERVAL,
     correlate,
     correlate_scores,
@@ -159,6 +162,126 @@ def test_fdr_is_benjamini_hochberg_by_hand():
     # sorted p: 0.01, 0.03, 0.04, 0.5 with m = 4 -> 0.04, 0.06, 0.0533 -> monotone 0.04, 0.0533, 0.0533, 0.5
     assert q[0] == pytest.approx(0.04) and q[2] == pytest.approx(0.16 / 3) and q[1] == pytest.approx(0.16 / 3)
     assert math.isnan(q[3]) and q[4] == pytest.approx(0.5)
+
+
+def test_small_n_permutation_p_values_are_exact_and_never_below_the_floor():
+    # n! <= 8! permutations are all enumerated: a perfectly monotone pair is as extreme as only
+    # itself and its reversal, so p = 2 / n! exactly (a Monte Carlo p scatters around it, and below).
+    for n in (4, 5):
+        x = np.arange(float(n))
+        result = correlate(x, x**3, **FAST)
+        assert result["p_rho"] == 2 / math.factorial(n) and result["p_tau"] == 2 / math.factorial(n)
+        assert result["min_p_rho"] == 2 / math.factorial(n)
+    # Without ties the permutation null is symmetric, and the convention kept (share of |null| >=
+    # |observed|) is scipy's own two-sided exact p.
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=6), rng.normal(size=6)
+    result = correlate(x, y, **FAST)
+    scipy_p = stats.permutation_test(
+        (y,), lambda s: stats.spearmanr(x, s).statistic, permutation_type="pairings", vectorized=False, n_resamples=720,
+    ).pvalue
+    assert result["p_rho"] == pytest.approx(scipy_p, abs=1e-12)
+    # The Freedman-Lane partial is exact too: a whole number of the 720 permutations of 6 points.
+    design = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])[:, None]
+    partial = correlate(x, y + design[:, 0], design, **FAST)
+    assert math.isfinite(partial["p_partial"]) and partial["p_partial"] >= 1 / 720
+    assert partial["p_partial"] * 720 == pytest.approx(round(partial["p_partial"] * 720), abs=1e-9)
+    # Past 8! the permutations are sampled: the floor is then 1 / (n_perm + 1).
+    big = correlate(np.arange(12.0), np.arange(12.0), n_boot=0, n_perm=300)
+    assert big["p_rho"] == big["min_p_rho"] == pytest.approx(1 / 301)
+
+
+def test_bootstrap_intervals_are_scipys_percentile_intervals_without_constant_resamples(monkeypatch):
+    calls = []
+    real_bootstrap = stats.bootstrap
+
+    def spy(*args, **kwargs):
+        result = real_bootstrap(*args, **kwargs)
+        calls.append((kwargs, result))
+        return result
+
+    monkeypatch.setattr(correlate_module.stats, "bootstrap", spy)
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=30)
+    y = x + rng.normal(size=30)
+    result = correlate(x, y, n_boot=500, n_perm=100, seed=3)
+    assert len(calls) == 2  # rho, then tau
+    for (kwargs, boot), name in zip(calls, ("rho", "tau")):
+        assert kwargs["paired"] and kwargs["method"] == "percentile" and kwargs["n_resamples"] == 500
+        # 30 continuous points: no constant resample, so the interval is scipy's own.
+        assert np.isfinite(boot.bootstrap_distribution).all()
+        assert (result[f"{name}_lo"], result[f"{name}_hi"]) == pytest.approx(tuple(boot.confidence_interval))
+    assert result["rho_lo"] <= result["rho"] <= result["rho_hi"]
+    again = correlate(x, y, n_boot=500, n_perm=100, seed=3)
+    assert (again["rho_lo"], again["rho_hi"]) == (result["rho_lo"], result["rho_hi"])  # seeded
+
+    # Heavy ties: many resamples hold a single x value; scipy's percentile of a distribution with
+    # NaN is NaN, so those resamples are left out and the interval stays finite.
+    calls.clear()
+    x = np.array([0.0] * 7 + [1.0, 2.0, 3.0])
+    y = x + rng.normal(scale=0.5, size=10)
+    tied = correlate(x, y, n_boot=500, n_perm=100, seed=0)
+    distribution = calls[0][1].bootstrap_distribution
+    assert np.isnan(distribution).any() and np.isfinite(distribution).sum() >= 10
+    low, high = np.percentile(distribution[np.isfinite(distribution)], [2.5, 97.5])
+    assert (tied["rho_lo"], tied["rho_hi"]) == pytest.approx((low, high))
+    assert -1 <= tied["rho_lo"] <= tied["rho_hi"] <= 1
+
+    # Below MIN_N_FOR_INTERVAL configurations there is no interval, and no bootstrap at all.
+    calls.clear()
+    assert math.isnan(correlate(np.arange(5.0), np.arange(5.0), **FAST)["rho_lo"]) and not calls
+
+
+def _study(config_values: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], mae: np.ndarray):
+    """scores and trials tables: one trial per configuration; each (block, score) given as
+    (indices of the configurations that have it, values there)."""
+    trials = pd.DataFrame({
+        "run_id": [f"r{k}" for k in range(len(mae))], "configuration": [f"c{k:02d}" for k in range(len(mae))],
+        "test_mae_meV": mae, "num_params": 1e4, "hidden_dim": 8, "num_layers": 2, "lr": 1e-3,
+    })
+    rows = [
+        {"run_id": f"r{k}", "block": block, "score": score, "value": value}
+        for (block, score), (where, values) in config_values.items() for k, value in zip(where, values)
+    ]
+    return pd.DataFrame(rows), trials
+
+
+def test_fdr_runs_only_over_rows_whose_design_can_reach_significance():
+    rng = np.random.default_rng(11)
+    mae = rng.uniform(10, 100, size=12)
+    everywhere = np.arange(12)
+    scores, trials = _study({
+        ("l0", "strong"): (everywhere, mae + rng.normal(scale=5, size=12)),
+        ("l0", "weak"): (everywhere, mae + rng.normal(scale=40, size=12)),
+        ("l0", "null"): (everywhere, rng.normal(size=12)),
+        ("l1", "null"): (everywhere, rng.normal(size=12)),
+        # Only 4 configurations have l3: even a perfect ranking has p = 2/24 > 0.05.
+        ("l3", "perfect"): (everywhere[:4], mae[:4]),
+        ("l2", "constant"): (everywhere, np.ones(12)),
+    }, mae)
+    table = correlate_scores(scores, trials, n_boot=0, n_perm=300, mixed=False)
+    assert list(table.columns) == list(CORRELATION_COLUMNS)
+    assert list(table.columns[-4:]) == ["q_rho", "min_p_rho", "in_fdr_family", "fdr_method"]
+    by_key = table.set_index(["block", "score"])
+    small = by_key.loc[("l3", "perfect")]
+    assert small["n_configurations"] == 4 and small["p_rho"] == small["min_p_rho"] == 2 / 24
+    assert not small["in_fdr_family"] and math.isnan(small["q_rho"])
+    assert not by_key.loc[("l2", "constant"), "in_fdr_family"] and math.isnan(by_key.loc[("l2", "constant"), "q_rho"])
+    family = table[table["in_fdr_family"]]
+    assert set(zip(family["block"], family["score"])) == {("l0", "strong"), ("l0", "weak"), ("l0", "null"), ("l1", "null")}
+    assert family["min_p_rho"].to_numpy() == pytest.approx(np.full(4, 1 / 301)) and FDR_LEVEL == 0.05
+    # q is Benjamini-Hochberg over the family alone: the hopeless row does not dilute it.
+    assert family["q_rho"].to_numpy() == pytest.approx(stats.false_discovery_control(family["p_rho"].to_numpy(), method="bh"))
+    assert (table["fdr_method"] == "bh").all()
+
+    by = correlate_scores(scores, trials, n_boot=0, n_perm=300, mixed=False, fdr_method="by")
+    by_family = by[by["in_fdr_family"]]
+    assert by_family["q_rho"].to_numpy() == pytest.approx(stats.false_discovery_control(by_family["p_rho"].to_numpy(), method="by"))
+    assert (by["fdr_method"] == "by").all() and (by_family["q_rho"].to_numpy() >= family["q_rho"].to_numpy() - 1e-12).all()
+    # At a looser level the 4-configuration row (floor 2/24 = 0.083) is in the family too.
+    assert correlate_scores(scores, trials, n_boot=0, n_perm=300, mixed=False, fdr_level=0.1)["in_fdr_family"].sum() == 5
+    with pytest.raises(ValueError, match="fdr_method"):
+        correlate_scores(scores, trials, n_boot=0, n_perm=300, mixed=False, fdr_method="holm")
 
 
 def test_molecule_correlations_find_a_planted_descriptor():

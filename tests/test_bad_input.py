@@ -42,6 +42,24 @@ def a_folder(folder: Path) -> str:
     return str(path)
 
 
+def analysis_folder(folder: Path, repeat_trial: bool = False, stray_score: bool = False) -> str:
+    """A minimal analysis folder: two l sets x 3 seeds in trials.csv, one score per trial."""
+    import pandas as pd
+
+    path = folder / "analysis"
+    path.mkdir(exist_ok=True)
+    rows = [{"run_id": f"r{k}", "configuration": f"l={l}", "in_comparisons": True, "seed": k % 3, "l_values": l,
+             "hidden_dim": 8, "num_params": 100.0, "test_mae_meV": 100.0 + k} for k, l in enumerate(["0"] * 3 + ["0,1"] * 3)]
+    trials = pd.DataFrame(rows)
+    if repeat_trial:
+        trials = pd.concat([trials, trials.iloc[[0]]])
+    trials.to_csv(path / "trials.csv", index=False)
+    scores = pd.DataFrame({"run_id": [*trials["run_id"].unique(), *(["stray"] if stray_score else [])], "block": "l0",
+                           "score": "norm_share", "value": 0.5})
+    scores.to_csv(path / "scores.csv", index=False)
+    return str(path)
+
+
 def corrupt_checkpoint(folder: Path) -> str:
     run = folder / "old-run"
     run.mkdir(exist_ok=True)
@@ -126,6 +144,15 @@ CASES = [
      ["--cache-dir", "a-file", "is a file, not a folder"]),
     ("sweep cache dir is a file", lambda d: ["sweep", space_file(d), "--cache-dir", str(d / "a-file")],
      ["--cache-dir", "a-file", "exists and is not a folder"]),
+    # reanalyze reads an analysis folder's tables: a folder that is not one, or tables that contradict themselves.
+    ("reanalyze a missing folder", lambda d: ["reanalyze", str(d / "nope")], ["nope", "not a folder"]),
+    ("reanalyze a folder without tables", lambda d: ["reanalyze", a_folder(d)], ["a-folder", "no trials.csv"]),
+    ("reanalyze --out is a file", lambda d: ["reanalyze", analysis_folder(d), "--out", str(d / "a-file")],
+     ["--out", "a-file", "exists and is not a folder"]),
+    ("reanalyze a trial listed twice", lambda d: ["reanalyze", analysis_folder(d, repeat_trial=True)],
+     ["trials.csv", "2 rows repeat the same run_id", "run_id=r0"]),
+    ("reanalyze scores of an unknown trial", lambda d: ["reanalyze", analysis_folder(d, stray_score=True)],
+     ["scores.csv", "not in trials.csv", "stray"]),
 ]
 
 

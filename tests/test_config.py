@@ -17,7 +17,7 @@ def test_defaults_are_the_reference_setup():
     config = TrialConfig()
     assert config.l_values == (0, 1, 2)
     assert (config.atom_dim, config.edge_dim, config.cutoff) == (64, 20, 6.0)
-    # The reference's literal constant (SEED.md calls it sqrt(37); it differs in the 6th digit).
+    # The reference's literal constant (docs/science.md calls it sqrt(37); it differs in the 6th digit).
     assert config.degree_norm == 6.08275253
     assert config.split_fractions == (0.8, 0.1, 0.1) and config.split_seed == 21616
     assert (config.lr, config.weight_decay, config.target) == (1e-3, 0.0, "U0_atom")

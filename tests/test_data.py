@@ -91,7 +91,7 @@ def test_methane_atomization_energy_in_ev(qm9):
 def test_u0_atomization_statistics_match_the_reference_normalisation(qm9):
     stats = target_stats(qm9, "U0_atom")
     assert stats["count"] == 130_831
-    # The seed's published normalisation, which config.py names (SEED.md).
+    # The seed's published normalisation, which config.py names (docs/science.md).
     assert stats["mean"] == pytest.approx(REFERENCE_U0_ATOM_MEAN, abs=5e-4)
     assert stats["std"] == pytest.approx(REFERENCE_U0_ATOM_STD, abs=5e-4)
 

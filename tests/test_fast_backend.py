@@ -21,7 +21,7 @@ from study.fast_tp import FusedRadialTensorProduct, fully_connected_paths
 from study.model import IrrepConvModel, default_dtype
 from study.model import build_model
 
-# (l values, hidden_dim): the orders of SEED.md's configurations, small widths for speed.
+# (l values, hidden_dim): the orders of the paper's configurations (docs/science.md), small widths for speed.
 CASES = [
     pytest.param((0, 1, 2), 3, id="l012"),
     pytest.param((0, 1, 2, 3, 4), 2, id="l01234"),

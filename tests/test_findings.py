@@ -95,7 +95,9 @@ def test_findings_say_nothing_is_significant_when_nothing_is():
     assert sentences[0].startswith("Including l=1")
     # The validation winner is named with its (worse) test MAE.
     assert any(s.startswith("Best on validation: l=0,1 (val MAE 40.0 meV") and "test MAE 55.0 meV" in s for s in sentences)
-    assert sentences[-1].startswith("Nothing is significant after correction") and "(1 tested)" in sentences[-1]
+    # Two families, two sentences, each with its own correction: correlations (BH q) and ablation (unadjusted here).
+    assert sentences[-2] == "Correlations: no score correlates with test MAE at Benjamini-Hochberg q < 0.05 (1 tested)."
+    assert sentences[-1] == "Ablation: no effect's 95% interval excludes zero (per l, unadjusted for the 1 orders tested)."
 
 
 def test_findings_name_what_is_significant_after_correction():
@@ -105,7 +107,29 @@ def test_findings_name_what_is_significant_after_correction():
                                            _configurations(), correlations, 0.05)
     text = " ".join(sentences)
     assert "1 of 2 score-error correlations are significant" in text and "l1/norm_share (rho +0.90)" in text
-    assert "l=1 (regression)" in text and "Nothing is significant" not in text
+    assert "l=1 (regression)" in text and "not adjusted" in text
+    # The corrected correlations and the unadjusted ablation intervals are never one claim.
+    (correlation,) = [s for s in sentences if "correlations are significant" in s]
+    assert "ablation" not in correlation.lower() and "interval" not in correlation
+
+
+def test_factorial_terms_are_reported_with_their_holm_adjustment_apart_from_the_correlations():
+    correlations = pd.DataFrame({"block": ["l1"], "score": ["norm_share"], "rho": [0.9], "q_rho": [0.01], "p_rho": [0.001],
+                                 "in_fdr_family": [True], "fdr_method": ["bh"]})
+    terms = pd.DataFrame({"term": ["l1", "l2", "l1:l2"], "p_holm": [0.001, 0.2, 0.03]})
+    sentences = findings.finding_sentences([], {}, pd.DataFrame(columns=["parameter", "importance"]), 0, _configurations(),
+                                           correlations, 0.05, terms)
+    assert sentences[-1] == "Ablation: 2 of 3 factorial terms have Holm-adjusted p < 0.05: l1, l1:l2."
+    assert sentences[-2].startswith("Correlations: 1 of 1 score-error correlations are significant after Benjamini-Hochberg")
+
+
+def test_the_correlation_sentence_counts_rows_left_out_of_the_correction():
+    # Rows of 4 configurations cannot reach p < 0.05 by permutation (2/4! = 0.083): they are not in the family.
+    correlations = pd.DataFrame({"block": ["l1", "l3"], "score": ["norm_share", "norm_share"], "rho": [0.5, 1.0],
+                                 "p_rho": [0.2, 0.083], "q_rho": [0.2, math.nan], "in_fdr_family": [True, False]})
+    sentence = findings.correlation_sentence(correlations, 0.05)
+    assert sentence == ("Correlations: no score correlates with test MAE at Benjamini-Hochberg q < 0.05 (1 tested; 1 more "
+                        "with too few configurations to reach p < 0.05 by permutation were left out of the correction).")
 
 
 def test_configuration_errors_show_mean_sd_and_n_ranked_on_validation():

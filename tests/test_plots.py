@@ -123,3 +123,61 @@ def test_umap_titles_do_not_overlap_and_fit_the_figure(drawn, tmp_path):
     assert clashes == []
     # The whole title on the figure: not cut at its edges.
     assert fig.bbox.contains(boxes[0].x0, boxes[0].y0) and fig.bbox.contains(boxes[0].x1, boxes[0].y1)
+
+
+def _trial_table() -> pd.DataFrame:
+    """Trials of three configurations: a (two seeds, largest l 2), b (one seed, best on validation,
+    largest l 1) and c (a seed missing, largest l 0); the composition fit at 900 meV."""
+    rows = [("a", "0,1,2", 1, 100.0, 90.0, 20_000, 2.0), ("a", "0,1,2", 2, 110.0, 92.0, 20_000, 3.0),
+            ("b", "0,1", 1, 130.0, 80.0, 9_000, 1.0), ("c", "0", 1, 200.0, 150.0, 4_000, 0.5)]
+    return pd.DataFrame([
+        {"configuration": c, "l_values": l, "seed": seed, "test_mae_meV": test, "best_val_mae_meV": val, "num_params": size,
+         "epoch_seconds": seconds, "baseline_test_mae_meV": 900.0, "in_comparisons": c != "c"}
+        for c, l, seed, test, val, size, seconds in rows
+    ])
+
+
+def _errorbars(ax) -> list[tuple[tuple[float, float], str]]:
+    """Each errorbar's (x, y) and colour."""
+    return [(tuple(container.lines[0].get_xydata()[0]), container.lines[0].get_color()) for container in ax.containers]
+
+
+def test_one_colour_per_l_in_every_figure():
+    assert plots.l_colour(1) != plots.l_colour(2) and plots.l_colour(0) != plots.l_colour(3)
+    assert plots.largest_l("0,1,3") == 3 and plots.largest_l("0") == 0
+
+
+def test_errors_per_configuration_are_ranked_on_validation_with_seed_spread_against_the_composition_fit(drawn, tmp_path):
+    plots.configuration_errors_figure(_trial_table(), tmp_path / "errors.png")
+    ax = drawn[0].axes[0]
+    # Best on validation at the top (b: 80 meV), whatever the test MAE; c is marked as incomplete.
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["b", "a", "c (not every seed)"]
+    # Mean test MAE per configuration, coloured by its largest l.
+    assert _errorbars(ax) == [((130.0, 0.0), plots.l_colour(1)), ((105.0, 1.0), plots.l_colour(2)),
+                              ((200.0, 2.0), plots.l_colour(0))]
+    # The seed sd as a bar where there are seeds to spread (a), none for one seed.
+    bars = [container.lines[2] for container in ax.containers]
+    assert [len(b) for b in bars] == [0, 1, 0]
+    (segment,) = bars[1][0].get_segments()
+    np.testing.assert_allclose(segment[:, 0], [105.0 - 50 ** 0.5, 105.0 + 50 ** 0.5])
+    # Every seed as a dot; the composition fit as a vertical line at its MAE.
+    seeds = sorted(tuple(p) for c in ax.collections if len(c.get_offsets()) for p in c.get_offsets().tolist()
+                   if c not in {b for bar in bars for b in bar})
+    assert seeds == [(100.0, 1.0), (110.0, 1.0), (130.0, 0.0), (200.0, 2.0)]
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--"] == [900.0]
+
+
+def test_accuracy_is_drawn_against_parameters_and_seconds_per_epoch(drawn, tmp_path):
+    plots.cost_figure(_trial_table(), tmp_path / "cost.png")
+    size, seconds = drawn[0].axes
+    assert size.get_xscale() == "log" and "parameters" in size.get_xlabel() and "seconds" in seconds.get_xlabel()
+    assert sorted(_errorbars(size)) == sorted([((20_000.0, 105.0), plots.l_colour(2)), ((9_000.0, 130.0), plots.l_colour(1)),
+                                               ((4_000.0, 200.0), plots.l_colour(0))])
+    assert ((2.5, 105.0), plots.l_colour(2)) in _errorbars(seconds)
+    # Tick labels are plain numbers, as the tables print them (not 10^4).
+    drawn[0].canvas.draw()
+    labels = [t.get_text() for t in size.get_xticklabels() if t.get_text()]
+    assert labels and not any("10^" in t or "$" in t for t in labels)
+    # Trials that never logged their epoch time: the parameters panel alone.
+    plots.cost_figure(_trial_table().assign(epoch_seconds=float("nan")), tmp_path / "cost.png")
+    assert len(drawn[1].axes) == 1

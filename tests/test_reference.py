@@ -73,7 +73,7 @@ def test_qm9_fit_uses_the_training_split_only(qm9):
 
 
 def test_composition_baseline_on_qm9_is_the_documented_figure(qm9):
-    """SEED.md: the composition fit reaches 937 meV on the 4,000-molecule subset."""
+    """docs/science.md: the composition fit reaches 937 meV on the 4,000-molecule subset."""
     from study.config import TrialConfig
     from study.train import prepare_data
 

@@ -20,10 +20,29 @@ GOOD = {
 }
 
 
-@pytest.mark.parametrize("name, trials", [("quick", 20), ("paper", 36), ("lsubsets", 120), ("ablation", 40), ("tradeoff", 20)])
+@pytest.mark.parametrize("name, trials", [("quick", 20), ("paper", 36), ("lsubsets", 120), ("ablation", 40), ("tradeoff", 20),
+                                          ("pruning", 20)])
 def test_shipped_spaces_validate(name, trials):
     space = load_search_space(SPACES / f"{name}.yaml")
     assert space.name == name and space.total_trials == trials
+
+
+def test_every_shipped_space_is_tested():
+    tested = {"quick", "paper", "lsubsets", "ablation", "tradeoff", "pruning"}
+    assert {path.stem for path in SPACES.glob("*.yaml")} == tested
+
+
+def test_the_pruning_space_is_the_papers_contrast_as_a_2x2_factorial():
+    from analysis.factorial import factorial_design
+    import pandas as pd
+
+    space = load_search_space(SPACES / "pruning.yaml")
+    l_sets = [",".join(map(str, entry["l_values"])) for entry in space.search.grid]
+    assert sorted(l_sets) == ["0,1,2,3,4,5,6", "0,1,3,4,5,6", "0,2,3,4,5,6", "0,3,4,5,6"]
+    assert space.scheduler.type == "none" and len(space.seeds) == 5  # every seed trains the full budget
+    trials = pd.DataFrame([{"configuration": v, "l_values": v, "seed": s} for v in l_sets for s in space.seeds])
+    design = factorial_design(trials, [])
+    assert design.factors == (1, 2) and design.fixed == (0, 3, 4, 5, 6)
 
 
 def with_change(path: str, value):

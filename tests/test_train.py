@@ -71,7 +71,7 @@ def test_composition_reference_beats_its_baseline_within_a_few_epochs(qm9, tmp_p
     assert result.status == "completed"
     assert result.best_val_mae_meV < 0.9 * result.baseline_val_mae_meV, (result.best_val_mae_meV, result.baseline_val_mae_meV)
     assert result.test_mae_meV < result.baseline_test_mae_meV
-    # A global standardisation starts eight times further away (SEED.md: 8.2 eV for the mean).
+    # A global standardisation starts eight times further away (docs/science.md: 8.2 eV for the mean).
     assert result.history[0].val_mae_meV < 2 * result.baseline_val_mae_meV
 
     # The fitted coefficients travel with everything that predicts.
