@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow  # trains the ablation space's every configuration
 
 ROOT = Path(__file__).parent.parent
 PUBLISHED = ROOT / "results" / "ablation-cpu"
+REANALYSED = {"ablation.csv", "correlations.csv"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,9 @@ def test_the_ablation_space_trains_every_configuration_and_seed_and_estimates_th
     effects = pd.read_csv(out / "ablation.csv")
     # [0, 1] and [0], nothing else varied: a 2^1 factorial, its seeds the replicates.
     main = effects[effects["kind"] == "main"].iloc[0]
-    assert set(effects["method"]) == {"factorial"} and (main["l"], main["n_trials"], main["df"]) == (1, 4, 2)
+    assert set(effects["method"]) == {"factorial"} and (main["l"], main["n_trials"]) == (1, 4)
+    # 2 seed-level degrees of freedom, more once the test molecules' part (many of them) is added.
+    assert main["df"] >= 2
     # Every trial's per-molecule errors are in the analysis, so the intervals carry the test set's sampling.
     assert main["interval"].startswith("seed residual + test-molecule sampling")
     assert (out / "findings.txt").read_text().startswith("The l sets form a 2^1 factorial: l=1 each in or out, always in: 0;")
@@ -64,7 +67,18 @@ def test_the_published_ablation_result_has_the_format_analyze_writes(tiny_ablati
     assert {"ablation.csv", "configurations.csv", "correlations.csv", "scores.csv"} <= set(tables)
     for name in tables:
         published, written = pd.read_csv(PUBLISHED / name), pd.read_csv(out / name)
-        assert list(published.columns) == list(written.columns), name
+        if name in REANALYSED:
+            # Rewritten by `irrep-study reanalyze` with the current statistics: the current format exactly.
+            assert list(published.columns) == list(written.columns), name
+        else:
+            # Written by the analysis of 2026-11-26: every column it has is one analyze still writes
+            # (later columns, such as epoch_seconds, need the MLflow runs to fill).
+            assert [c for c in written.columns if c in published.columns] == list(published.columns), name
+    # The pruning study was analysed by the current code: its tables have the current format exactly.
+    for path in sorted((PUBLISHED.parent / "pruning-cpu").glob("*.csv")):
+        if path.name == "molecules.csv":  # one column per trial, named by its run id
+            continue
+        assert list(pd.read_csv(path).columns) == list(pd.read_csv(out / path.name).columns), path.name
     # Every published figure is one the report shows (UMAP grids are named after their trials).
     written_figures = {path.name for path in out.glob("*.png") if not path.name.startswith("umap_")}
     assert "ablation_effects.png" in written_figures and written_figures <= set(STUDY_FIGURES)
