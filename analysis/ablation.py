@@ -247,6 +247,11 @@ def is_factorial(table: pd.DataFrame) -> bool:
     return bool(len(table)) and (table["method"] == factorial.METHOD).all()
 
 
+def factorial_terms(table: pd.DataFrame) -> pd.DataFrame | None:
+    """A factorial table's main effects and interactions (the Holm family); None for other designs."""
+    return factorial.family(table) if is_factorial(table) else None
+
+
 def _headline_methods(group: pd.DataFrame) -> tuple[pd.Series | None, pd.Series | None]:
     """The paired row when the study has pairs for this l, else None; and the regression row."""
     by_method = group.set_index("method")

@@ -294,11 +294,16 @@ def _lack_of_fit(terms: Sequence[tuple[int, ...]], base: dict, meV: _Scale, log:
     return rows
 
 
+def family(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows Holm adjusts together: the main effects and interactions."""
+    return table[table["kind"].isin(["main", "interaction"])]
+
+
 def factorial_sentences(table: pd.DataFrame) -> list[str]:
     """The headline of a factorial study (a table from :func:`factorial_effects`): the model, each
     main effect and interaction with its intervals (meV and ratio) and Holm-adjusted p, then the
     lack of fit of the additive model."""
-    terms = table[table["kind"].isin(["main", "interaction"])]
+    terms = family(table)
     if terms.empty:
         return []
     n_cells = 2 ** int((terms["kind"] == "main").sum())

@@ -39,7 +39,7 @@ import pandas as pd
 
 from analysis import findings as found
 from analysis import plots
-from analysis.ablation import ablation_effects, headline, headline_estimates, is_factorial
+from analysis.ablation import ablation_effects, factorial_terms, headline, headline_estimates, is_factorial
 from analysis.configurations import baseline_notes, configuration_summary
 from analysis.correlate import correlate_scores, molecule_correlations
 from analysis.descriptors import descriptors
@@ -424,7 +424,7 @@ def _findings(runs: pd.DataFrame, context: list[str], tables: _Tables, out_dir: 
     if path:
         figures["pareto"] = (path, "Mean validation MAE (seed sd as bars) against parameters per configuration, marked by its "
                                    "largest l; red: the Pareto front, labelled with the l sets.")
-    terms = tables.ablation[tables.ablation["kind"].isin(["main", "interaction"])] if is_factorial(tables.ablation) else None
+    terms = factorial_terms(tables.ablation)
     ablation_sentences = headline(tables.ablation)
     sentences = found.finding_sentences(
         ablation_sentences, headline_estimates(tables.ablation), importance, len(values),

@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import findings as found
 from analysis import plots
-from analysis.ablation import ablation_effects, headline, headline_estimates, is_factorial
+from analysis.ablation import ablation_effects, factorial_terms, headline, headline_estimates
 from analysis.correlate import correlate_scores
 from analysis.load import AnalysisError
 
@@ -71,14 +71,9 @@ def molecule_errors(folder: Path) -> dict[str, pd.Series] | None:
     path = folder / "molecules.csv"
     if not path.is_file():
         return None
-    table = pd.read_csv(path)
-    errors = {}
-    for column in table.columns:
-        match = ERROR_COLUMN.fullmatch(column)
-        if match:
-            values = table.set_index("mol_id")[column].dropna()
-            errors[match.group(1)] = values
-    return errors
+    table = pd.read_csv(path).set_index("mol_id")
+    return {match.group(1): table[column].dropna()
+            for column in table.columns if (match := ERROR_COLUMN.fullmatch(column))}
 
 
 def reanalyse(folder: Path, out: Path | None = None, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> Reanalysis:
@@ -94,7 +89,7 @@ def reanalyse(folder: Path, out: Path | None = None, n_boot: int = 2000, n_perm:
     context = context_columns(trials)
     ablation = ablation_effects(compared, context, errors=molecule_errors(folder))
     correlations = correlate_scores(scores, compared, n_boot=n_boot, n_perm=n_perm, seed=seed)
-    terms = ablation[ablation["kind"].isin(["main", "interaction"])] if is_factorial(ablation) else None
+    terms = factorial_terms(ablation)
     sentences = [s[0].upper() + s[1:] for s in headline(ablation)]
     sentences += [found.correlation_sentence(correlations, SIGNIFICANCE),
                   found.ablation_significance_sentence(headline_estimates(ablation), terms)]

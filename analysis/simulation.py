@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.factorial import FactorialDesign, factorial_design, factorial_effects, term_name
+from analysis.factorial import FactorialDesign, factorial_design, factorial_effects, family, term_name
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def calibration(spec: SimulatedFactorial, studies: int, seed: int = 0, with_mole
         trials, errors = simulate(spec, rng)
         design = design or factorial_design(trials, [])
         table = factorial_effects(trials, design, errors=errors if with_molecules else None)
-        for row in table[table["kind"].isin(["main", "interaction"])].itertuples():
+        for row in family(table).itertuples():
             meV_truth, log_truth = truth[row.term]
             hits.setdefault((row.term, "meV"), []).append((row.lo_meV <= meV_truth <= row.hi_meV, row.p <= 0.05))
             log_lo, log_hi = np.log(row.ratio_lo), np.log(row.ratio_hi)
