@@ -1,6 +1,6 @@
 """Every finished trial of a study, read back from MLflow: config, metrics, embeddings, weights.
 
-Reads the tracking contract of study/tracking.py: trials are runs tagged
+Reads the tracking contract of study/tracking/store.py: trials are runs tagged
 ``irrep_study.role=trial`` (children of a sweep run through ``mlflow.parentRunId``); only those
 with ``irrep_study.status=completed`` have test metrics and artifacts (a trial stopped early by
 the scheduler never reaches its test evaluation), so those are the ones analysed and the others
@@ -15,17 +15,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study import tracking
-from study.config import TrialConfig
-from study.embeddings import EmbeddingsFormatError, TestEmbeddings, load_embeddings
+from study.config.trial import TrialConfig
 from study.errors import UserError
-from study.irreps import IrrepsLayout
+from study.names import COMPLETED, TEST_MAE, TRAIN_LOSS, VAL_MAE
+from study.nn.irreps import IrrepsLayout
+from study.tracking import store
+from study.training.embeddings import (
+    EmbeddingsFormatError,
+    TestEmbeddings,
+    load_embeddings,
+)
 
-ANALYSED_STATUS = "completed"
+ANALYSED_STATUS = COMPLETED
 EMBEDDINGS_ARTIFACT = "test_embeddings.npz"
 WEIGHTS_ARTIFACT = "best_model.pt"
 CONFIG_ARTIFACT = "config.yaml"
-HISTORY_METRICS = ("train_loss", "val_mae_meV")
+HISTORY_METRICS = (TRAIN_LOSS, VAL_MAE)
 
 
 class AnalysisError(UserError):
@@ -52,7 +57,7 @@ class Trial:
 
     @property
     def test_mae_meV(self) -> float:
-        return self.metrics["test_mae_meV"]
+        return self.metrics[TEST_MAE]
 
     @property
     def num_params(self) -> float:
@@ -77,7 +82,7 @@ class Study:
 def _client(uri: str):
     # MLflow draws a tqdm bar per downloaded file on stderr; the analysis has its own progress.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return tracking.client(uri)
+    return store.client(uri)
 
 
 def _describe(run) -> str:
@@ -96,7 +101,7 @@ def _artifact(client, run, name: str, listing: set[str], what: str) -> Path:
 
 
 def _read_config(run, path: Path) -> TrialConfig:
-    from study.config import ConfigError, load_trial_config
+    from study.config.trial import ConfigError, load_trial_config
 
     try:
         return load_trial_config(path)
@@ -118,7 +123,7 @@ def load_trial(client, run) -> Trial:
     """A completed trial run's config, metrics, embeddings and weights; AnalysisError if any is missing."""
     listing = {info.path for info in client.list_artifacts(run.info.run_id)}
     metrics = dict(run.data.metrics)
-    if "test_mae_meV" not in metrics or not math.isfinite(metrics["test_mae_meV"]):
+    if TEST_MAE not in metrics or not math.isfinite(metrics[TEST_MAE]):
         raise AnalysisError(f"{_describe(run)}: marked completed but has no finite test_mae_meV metric")
     config = _read_config(run, _artifact(client, run, CONFIG_ARTIFACT, listing, "the trial config"))
     embeddings_path = _artifact(client, run, EMBEDDINGS_ARTIFACT, listing, "the test-set embeddings")
@@ -134,7 +139,7 @@ def load_trial(client, run) -> Trial:
     return Trial(
         run_id=run.info.run_id,
         run_name=run.info.run_name or run.info.run_id,
-        parent_run_id=run.data.tags.get(tracking.PARENT_TAG),
+        parent_run_id=run.data.tags.get(store.PARENT_TAG),
         config=config,
         params=dict(run.data.params),
         metrics=metrics,
@@ -146,14 +151,14 @@ def load_trial(client, run) -> Trial:
 
 def load_study(experiment: str, parent_run_id: str | None = None, tracking_uri: str | None = None) -> Study:
     """Every completed trial of ``experiment`` (or of the sweep run ``parent_run_id`` in it)."""
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = store.resolve_tracking_uri(tracking_uri)
     client = _client(uri)
-    experiment_id = tracking.find_experiment(uri, experiment)
+    experiment_id = store.find_experiment(uri, experiment)
     if parent_run_id:
-        tracking.check_sweep_run(uri, experiment, experiment_id, parent_run_id)
-    runs = tracking.child_runs(uri, experiment_id, parent_run_id)
-    statuses = Counter(run.data.tags.get(tracking.STATUS_TAG, "unknown") for run in runs)
-    completed = [run for run in runs if run.data.tags.get(tracking.STATUS_TAG) == ANALYSED_STATUS]
+        store.check_sweep_run(uri, experiment, experiment_id, parent_run_id)
+    runs = store.child_runs(uri, experiment_id, parent_run_id)
+    statuses = Counter(run.data.tags.get(store.STATUS_TAG, "unknown") for run in runs)
+    completed = [run for run in runs if run.data.tags.get(store.STATUS_TAG) == ANALYSED_STATUS]
     if not completed:
         found = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) or "no trial runs"
         scope = f"sweep {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"

@@ -16,14 +16,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import findings as found
-from analysis import plots
-from analysis.ablation import ablation_effects, factorial_terms, headline, headline_estimates
-from analysis.correlate import correlate_scores
 from analysis.load import AnalysisError
+from analysis.report import findings as found
+from analysis.report import plots
+from analysis.report.findings import SIGNIFICANCE
+from analysis.stats.ablation import (
+    ablation_effects,
+    factorial_terms,
+    headline,
+    headline_estimates,
+)
+from analysis.stats.correlate import correlate_scores
+from study.names import TEST_MAE
 
-SIGNIFICANCE = 0.05
-ERROR_COLUMN = re.compile(r"abs_error_meV\[(.+)\]")
+
+def error_column(run_id: str) -> str:
+    """The molecules.csv column of a trial's absolute test errors (meV), one row per molecule."""
+    return f"abs_error_meV[{run_id}]"
+
+
+ERROR_COLUMN = re.compile(re.escape(error_column("RUN")).replace("RUN", "(.+)"))  # and back to the run id
 
 
 @dataclass
@@ -41,7 +53,7 @@ def _read(folder: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"l_values": str, "configuration": str})
 
 
-TRIAL_COLUMNS = ("run_id", "configuration", "in_comparisons", "seed", "l_values", "num_params", "test_mae_meV")
+TRIAL_COLUMNS = ("run_id", "configuration", "in_comparisons", "seed", "l_values", "num_params", TEST_MAE)
 SCORE_COLUMNS = ("run_id", "block", "score", "value")
 
 
@@ -72,8 +84,7 @@ def molecule_errors(folder: Path) -> dict[str, pd.Series] | None:
     if not path.is_file():
         return None
     table = pd.read_csv(path).set_index("mol_id")
-    return {match.group(1): table[column].dropna()
-            for column in table.columns if (match := ERROR_COLUMN.fullmatch(column))}
+    return {match.group(1): table[column].dropna() for column in table.columns if (match := ERROR_COLUMN.fullmatch(column))}
 
 
 def reanalyse(folder: Path, out: Path | None = None, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> Reanalysis:
@@ -91,8 +102,10 @@ def reanalyse(folder: Path, out: Path | None = None, n_boot: int = 2000, n_perm:
     correlations = correlate_scores(scores, compared, n_boot=n_boot, n_perm=n_perm, seed=seed)
     terms = factorial_terms(ablation)
     sentences = [s[0].upper() + s[1:] for s in headline(ablation)]
-    sentences += [found.correlation_sentence(correlations, SIGNIFICANCE),
-                  found.ablation_significance_sentence(headline_estimates(ablation), terms)]
+    sentences += [
+        found.correlation_sentence(correlations, SIGNIFICANCE),
+        found.ablation_significance_sentence(headline_estimates(ablation), terms),
+    ]
     files = {"ablation": out / "ablation.csv", "correlations": out / "correlations.csv", "findings": out / "findings.txt"}
     ablation.to_csv(files["ablation"], index=False)
     correlations.to_csv(files["correlations"], index=False)

@@ -1,9 +1,9 @@
-"""A/B of the fast tensor product against another version of ``study/fast_tp.py``, in one process.
+"""A/B of the fast tensor product against another version of ``study/nn/fast_tp.py``, in one process.
 
 Both models hold the same parameters; their training steps alternate on the same batches (the
 order flips every batch and round), so a machine's changes of speed hit both alike.
 
-    git show 59baabd:study/fast_tp.py > /tmp/fast_tp_before.py
+    git show 59baabd:study/nn/fast_tp.py > /tmp/fast_tp_before.py
     python benchmarks/ab_fast_tp.py /tmp/fast_tp_before.py --tensors qm9-subset.pt --device cuda
 
 ``--tensors`` is a subset file written by ``benchmarks/device_suite.py export``; without it QM9
@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.bench import _batches, _models, parse_case, timed_step  # noqa: E402
-from study.data import QM9Tensors, load_qm9, target_index  # noqa: E402
-from study.model import make_optimizer  # noqa: E402
+from study.bench.steps import bench_batches, bench_models, parse_case, timed_step  # noqa: E402
+from study.data.qm9 import QM9Tensors, load_qm9, target_index  # noqa: E402
+from study.nn.model import make_optimizer  # noqa: E402
 
 CASES = (("0,1,2x8", 2), ("0,1,2,3x8", 2), ("0,1,2x32", 3), ("0-6x16", 3))
 
@@ -40,12 +40,13 @@ def load_module(path: Path):
     return module
 
 
-def compare(other, tensors: QM9Tensors, spec: str, num_layers: int, device: torch.device,
-            batches: int, rounds: int, warmup: int) -> tuple[float, float]:
+def compare(
+    other, tensors: QM9Tensors, spec: str, num_layers: int, device: torch.device, batches: int, rounds: int, warmup: int
+) -> tuple[float, float]:
     """Median seconds per step of (this version, the other)."""
     case = parse_case(spec, num_layers=num_layers)
-    data = _batches(tensors, case, 32, batches, device)
-    ours = _models(case, device, ("fast",))["fast"]
+    data = bench_batches(tensors, case, 32, batches, device)
+    ours = bench_models(case, device, ("fast",))["fast"]
     theirs = copy.deepcopy(ours)
     for block in [theirs.input_block, *theirs.blocks]:
         block.tp = other.FusedRadialTensorProduct(block.in_irreps, block.sh_irreps, block.out_irreps).to(device)
@@ -62,11 +63,10 @@ def compare(other, tensors: QM9Tensors, spec: str, num_layers: int, device: torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("other", type=Path, help="another version of study/fast_tp.py")
+    parser.add_argument("other", type=Path, help="another version of study/nn/fast_tp.py")
     parser.add_argument("--tensors", type=Path, help="a QM9 subset file (device_suite.py export)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--configs", nargs="*", default=[spec for spec, _ in CASES],
-                        help="among " + ", ".join(spec for spec, _ in CASES))
+    parser.add_argument("--configs", nargs="*", default=[spec for spec, _ in CASES], help="among " + ", ".join(spec for spec, _ in CASES))
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -77,10 +77,12 @@ def main() -> None:
     other = load_module(args.other)
     tensors = QM9Tensors(**torch.load(args.tensors, weights_only=True)) if args.tensors else load_qm9()
     for spec in args.configs:
-        ours, theirs = compare(other, tensors, spec, layers[spec], torch.device(args.device), args.batches,
-                               args.rounds, warmup=3)
-        print(f"{spec}: this version {ours * 1e3:.2f} ms, {args.other.name} {theirs * 1e3:.2f} ms per step, "
-              f"time ratio other/this {theirs / ours:.3f}", flush=True)
+        ours, theirs = compare(other, tensors, spec, layers[spec], torch.device(args.device), args.batches, args.rounds, warmup=3)
+        print(
+            f"{spec}: this version {ours * 1e3:.2f} ms, {args.other.name} {theirs * 1e3:.2f} ms per step, "
+            f"time ratio other/this {theirs / ours:.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Throughput and memory of the e3nn and fast tensor-product backends on real QM9 batches.
 
-A thin wrapper of `irrep-study bench` (the logic lives in study/bench.py); the same options apply:
+A thin wrapper of `irrep-study bench` (the logic lives in study/bench/steps.py); the same options apply:
 
-    python benchmarks/bench.py --threads 1            # the README table
+    python benchmarks/bench.py --threads 1            # the CPU table of docs/performance.md
     python benchmarks/bench.py --configs 0-6x16 --repeats 9 --json > bench.json
 """
 

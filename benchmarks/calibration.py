@@ -2,10 +2,10 @@
 
 Correlations across a study: null studies (score and error unrelated, most of their variance at
 configuration level) are analysed two ways: per trial, every seed one unit (an earlier analysis),
-and per configuration, the means over seeds (analysis/correlate.py); the share of studies with
+and per configuration, the means over seeds (analysis/stats/correlate.py); the share of studies with
 p <= 0.05 should be about 5%. A planted configuration-level correlation shows the power.
 
-Factorial studies (analysis/factorial.py, simulated by analysis/simulation.py): per term, how
+Factorial studies (analysis/stats/factorial.py, simulated by analysis/stats/simulation.py): per term, how
 often the 95% interval covers the planted population effect, and how often a null interaction
 (and the additive model's lack-of-fit test) rejects at 0.05, with the intervals conditional on
 the test set (seed residual only) and with the test molecules' sampling carried.
@@ -20,13 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from simulated_studies import rejection_rates  # noqa: E402
-
-from analysis.simulation import FACTORIAL_SCENARIOS, calibration  # noqa: E402
+from analysis.stats.simulation import FACTORIAL_SCENARIOS, calibration, rejection_rates
 
 DESIGNS = [(6, 3, 0.8), (6, 3, 0.9), (10, 2, 0.8), (10, 2, 0.9)]
 
@@ -49,8 +44,10 @@ def correlation_rows(args) -> None:
 
 
 def factorial_rows(args) -> None:
-    print(f"\nfactorial studies: share of {args.studies} simulated studies whose 95% interval covers the planted "
-          "population effect (coverage) and with p <= 0.05 (rejects; a false-positive rate where truth = 0)")
+    print(
+        f"\nfactorial studies: share of {args.studies} simulated studies whose 95% interval covers the planted "
+        "population effect (coverage) and with p <= 0.05 (rejects; a false-positive rate where truth = 0)"
+    )
     print(f"{'scenario':<30} {'intervals':<24} {'term':<12} {'scale':<5} {'truth':>8} {'coverage':>9} {'rejects':>8}")
     for name, spec in FACTORIAL_SCENARIOS.items():
         for with_molecules, label in ((False, "seed only (conditional)"), (True, "seed + test molecules")):

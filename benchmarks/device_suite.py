@@ -1,5 +1,5 @@
 """Every figure of `irrep-study bench` in one run on a machine without QM9's source or MLflow/Ray:
-the README's GPU table comes from here.
+the GPU table of docs/performance.md comes from here.
 
     # here, where QM9 is cached: a seeded 12,000-molecule subset as one file (about 10 MB)
     python benchmarks/device_suite.py export --out qm9-subset.pt
@@ -26,10 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.bench import format_lmax_sweep, format_table, parse_case, run_bench, run_lmax_sweep  # noqa: E402
-from study.bench_study import format_study_bench, parse_shrink, run_study_bench  # noqa: E402
-from study.data import QM9Tensors, split_indices  # noqa: E402
-from study.space import load_search_space  # noqa: E402
+from study.bench.steps import (  # noqa: E402
+    format_lmax_sweep,
+    format_table,
+    parse_case,
+    run_bench,
+    run_lmax_sweep,
+)
+from study.bench.study import format_study_bench, parse_shrink, run_study_bench  # noqa: E402
+from study.config.space import load_search_space  # noqa: E402
+from study.data.qm9 import QM9Tensors, split_indices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("0,1,2x8", "0,1,2,3x8")  # the study models: 2 layers
@@ -47,14 +53,19 @@ def subset_tensors(tensors: QM9Tensors, molecules: int, seed: int = 0) -> QM9Ten
 
     index = torch.tensor(keep)
     return QM9Tensors(
-        z=tensors.z[torch.cat(atoms)], pos=tensors.pos[torch.cat(atoms)], atom_ptr=pointers(atoms),
-        bonds=tensors.bonds[:, torch.cat(bonds)], bond_ptr=pointers(bonds), y=tensors.y[index],
-        mol_id=tensors.mol_id[index], smiles=[tensors.smiles[k] for k in keep],
+        z=tensors.z[torch.cat(atoms)],
+        pos=tensors.pos[torch.cat(atoms)],
+        atom_ptr=pointers(atoms),
+        bonds=tensors.bonds[:, torch.cat(bonds)],
+        bond_ptr=pointers(bonds),
+        y=tensors.y[index],
+        mol_id=tensors.mol_id[index],
+        smiles=[tensors.smiles[k] for k in keep],
     )
 
 
 def export(out: Path, molecules: int) -> None:
-    from study.data import load_qm9
+    from study.data.qm9 import load_qm9
 
     torch.save(subset_tensors(load_qm9(), molecules).to_dict(), out)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {molecules} molecules)")
@@ -76,8 +87,7 @@ def run(tensors_path: Path, out: Path, device: str, repeats: int, lmax: int, smo
     report = run_bench(tensors, small + large, repeats=repeats, warmup=3, device=on_device, log=lambda m: None)
     save("bench", report, format_table(report))
     print(f"[{time.perf_counter() - started:.0f} s]", flush=True)
-    sweep = run_lmax_sweep(tensors, lmax, num_layers=2, repeats=max(3, repeats // 2), warmup=2, device=on_device,
-                           log=lambda m: None)
+    sweep = run_lmax_sweep(tensors, lmax, num_layers=2, repeats=max(3, repeats // 2), warmup=2, device=on_device, log=lambda m: None)
     save("lmax", sweep, format_lmax_sweep(sweep))
     print(f"[{time.perf_counter() - started:.0f} s]", flush=True)
     for name in ("quick", "ablation"):
@@ -91,18 +101,32 @@ def compare_compile(tensors_path: Path, out: Path, device: str, epochs: int = 3)
     """Seconds per epoch of one trial eager and compiled, and its metrics (which must agree)."""
     import tempfile
 
-    from study.config import TrialConfig
-    from study.train import run_trial
+    from study.config.trial import TrialConfig
+    from study.training.trial import run_trial
 
     tensors = QM9Tensors(**torch.load(tensors_path, weights_only=True))
-    trial = dict(l_values=[0, 1, 2, 3], hidden_dim=8, num_layers=2, subset=4000, epochs=epochs,
-                 target_reference="composition", lr_schedule="cosine", lr=0.01, device=device, seed=1)
+    trial = dict(
+        l_values=[0, 1, 2, 3],
+        hidden_dim=8,
+        num_layers=2,
+        subset=4000,
+        epochs=epochs,
+        target_reference="composition",
+        lr_schedule="cosine",
+        lr=0.01,
+        device=device,
+        seed=1,
+    )
     rows = {}
     for compiled in (False, True):
         stamps = [time.perf_counter()]
         with tempfile.TemporaryDirectory() as run_dir:
-            result = run_trial(TrialConfig(**trial, compile=compiled), Path(run_dir), tensors=tensors,
-                               on_epoch=lambda metrics: stamps.append(time.perf_counter()))
+            result = run_trial(
+                TrialConfig(**trial, compile=compiled),
+                Path(run_dir),
+                tensors=tensors,
+                on_epoch=lambda metrics, stamps=stamps: stamps.append(time.perf_counter()),
+            )
         rows[str(compiled)] = {
             "first_epoch_s": stamps[1] - stamps[0],
             "later_epoch_s": [b - a for a, b in zip(stamps[1:], stamps[2:])],

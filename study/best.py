@@ -1,7 +1,7 @@
 """`irrep-study best`: rank a study's configurations from MLflow and export the winner as a trial config.
 
 A configuration is every trial parameter except the seed, as `irrep-study analyze` defines it
-(analysis/configurations.py): the device, the tensor-product backend and torch.compile do not
+(study/config/configuration.py): the device, the tensor-product backend and torch.compile do not
 change what is trained, and params logged beside the config (where the trial ran, the fitted
 target reference) are not chosen. Its runs are seeds of one measurement, so a configuration is ranked by the mean
 of its seeds, with their sd beside it: one lucky seed does not make a winner. Configurations of
@@ -24,14 +24,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from study import tracking
-from study.config import LEGACY_DEFAULTS, TrialConfig, _first_error
+from study.config.trial import LEGACY_DEFAULTS, TrialConfig, _first_error
 from study.errors import UserError
+from study.names import BASELINE_TEST_MAE, BEST_VAL_MAE, TEST_MAE
 from study.paths import atomic_write
+from study.tracking import store
 
-SELECTION_METRIC = "best_val_mae_meV"
+SELECTION_METRIC = BEST_VAL_MAE
 # Shown for every configuration, whatever ranks it.
-REPORTED_METRICS = ("best_val_mae_meV", "test_mae_meV", "baseline_test_mae_meV")
+REPORTED_METRICS = (BEST_VAL_MAE, TEST_MAE, BASELINE_TEST_MAE)
 
 
 def _value(run, metric: str) -> float | None:
@@ -41,7 +42,7 @@ def _value(run, metric: str) -> float | None:
 
 
 def _status(run) -> str:
-    return run.data.tags.get(tracking.STATUS_TAG, run.info.status.lower())
+    return run.data.tags.get(store.STATUS_TAG, run.info.status.lower())
 
 
 def _summary(values: list[float]) -> dict:
@@ -53,8 +54,9 @@ def _summary(values: list[float]) -> dict:
     }
 
 
-def rank_configurations(uri: str, experiment: str, metric: str = SELECTION_METRIC, top: int = 10,
-                        where: str | None = None, parent: str | None = None) -> dict:
+def rank_configurations(
+    uri: str, experiment: str, metric: str = SELECTION_METRIC, top: int = 10, where: str | None = None, parent: str | None = None
+) -> dict:
     """The `top` configurations of `experiment` (or of its sweep `parent`) with the lowest mean
     `metric` over their seeds, best first, and what was left out of the ranking.
 
@@ -62,13 +64,13 @@ def rank_configurations(uri: str, experiment: str, metric: str = SELECTION_METRI
     their final metrics, diverged runs) are counted by status in ``left_out`` and named in their
     configuration's ``left_out_run_ids``, and their statuses count in its ``statuses``.
     """
-    from analysis.configurations import configuration_params, label_configurations
+    from study.config.configuration import configuration_params, label_configurations
 
-    experiment_id = tracking.find_experiment(uri, experiment)
+    experiment_id = store.find_experiment(uri, experiment)
     if parent:
-        tracking.check_sweep_run(uri, experiment, experiment_id, parent)
+        store.check_sweep_run(uri, experiment, experiment_id, parent)
     try:
-        runs = tracking.child_runs(uri, experiment_id, parent_run_id=parent, filter_string=where or "")
+        runs = store.child_runs(uri, experiment_id, parent_run_id=parent, filter_string=where or "")
     except Exception as exc:
         if not where:
             raise
@@ -82,43 +84,56 @@ def rank_configurations(uri: str, experiment: str, metric: str = SELECTION_METRI
     # seeds that did not finish. The parent run id is part of the key: two sweeps never merge.
     groups: dict[tuple[str, str], list] = {}
     for run in runs:
-        key = (run.data.tags.get(tracking.PARENT_TAG, ""), json.dumps(configuration_params(run.data.params), sort_keys=True))
+        key = (run.data.tags.get(store.PARENT_TAG, ""), json.dumps(configuration_params(run.data.params), sort_keys=True))
         groups.setdefault(key, []).append(run)
-    names = {run_id: run.info.run_name for run_id, run in tracking.sweep_runs(uri, experiment_id).items()}
+    names = {run_id: run.info.run_name for run_id, run in store.sweep_runs(uri, experiment_id).items()}
     configurations = []
     for (parent_id, _), members in groups.items():
         ranked = sorted((run for run in members if _value(run, metric) is not None), key=lambda run: _value(run, metric))
         if not ranked:
             continue
-        metrics = {name: _summary([v for run in ranked if (v := _value(run, name)) is not None])
-                   for name in dict.fromkeys((metric, *REPORTED_METRICS))}
+        metrics = {
+            name: _summary([v for run in ranked if (v := _value(run, name)) is not None])
+            for name in dict.fromkeys((metric, *REPORTED_METRICS))
+        }
         # Mean over seeds of each seed's ratio, as `analyze` reports it.
-        ratios = [_value(run, "test_mae_meV") / _value(run, "baseline_test_mae_meV") for run in ranked
-                  if _value(run, "test_mae_meV") is not None and _value(run, "baseline_test_mae_meV")]
+        ratios = [
+            _value(run, TEST_MAE) / _value(run, BASELINE_TEST_MAE)
+            for run in ranked
+            if _value(run, TEST_MAE) is not None and _value(run, BASELINE_TEST_MAE)
+        ]
         sizes = [v for run in ranked if (v := _value(run, "num_params")) is not None]
         best = ranked[0]
-        configurations.append({
-            "sweep": names.get(parent_id, parent_id) or None,
-            "parent_run_id": parent_id or None,
-            "n": len(ranked),
-            "metrics": metrics,
-            "test_over_baseline": statistics.fmean(ratios) if ratios else None,
-            "num_params": round(statistics.fmean(sizes)) if sizes else None,  # the same for every seed
-            "statuses": dict(sorted(Counter(_status(run) for run in members).items())),
-            "params": configuration_params(best.data.params),
-            "seeds": [run.data.params.get("seed") for run in ranked],
-            "run_ids": [run.info.run_id for run in ranked],
-            "left_out_run_ids": [run.info.run_id for run in members if _value(run, metric) is None],
-            # --export writes this run's config: the configuration's best seed.
-            "best_run": {"run_id": best.info.run_id, "seed": best.data.params.get("seed"), metric: _value(best, metric),
-                         "params": dict(best.data.params)},
-        })
+        configurations.append(
+            {
+                "sweep": names.get(parent_id, parent_id) or None,
+                "parent_run_id": parent_id or None,
+                "n": len(ranked),
+                "metrics": metrics,
+                "test_over_baseline": statistics.fmean(ratios) if ratios else None,
+                "num_params": round(statistics.fmean(sizes)) if sizes else None,  # the same for every seed
+                "statuses": dict(sorted(Counter(_status(run) for run in members).items())),
+                "params": configuration_params(best.data.params),
+                "seeds": [run.data.params.get("seed") for run in ranked],
+                "run_ids": [run.info.run_id for run in ranked],
+                "left_out_run_ids": [run.info.run_id for run in members if _value(run, metric) is None],
+                # --export writes this run's config: the configuration's best seed.
+                "best_run": {
+                    "run_id": best.info.run_id,
+                    "seed": best.data.params.get("seed"),
+                    metric: _value(best, metric),
+                    "params": dict(best.data.params),
+                },
+            }
+        )
     # Lowest mean first; between equal means, the one with the better best seed.
     configurations.sort(key=lambda c: (c["metrics"][metric]["mean"], c["best_run"][metric]))
     # Labels name every parameter that varies across the study's configurations (l=0,1 h=8).
     labels = list(label_configurations([c["params"] for c in configurations])[0]["configuration"]) if configurations else []
-    ranking = [{"rank": rank, "configuration": label, **configuration}
-               for rank, (configuration, label) in enumerate(zip(configurations, labels), start=1)]
+    ranking = [
+        {"rank": rank, "configuration": label, **configuration}
+        for rank, (configuration, label) in enumerate(zip(configurations, labels), start=1)
+    ]
 
     unranked = [run for run in runs if _value(run, metric) is None]
     missing = Counter(_status(run) for run in unranked if metric not in run.data.metrics)

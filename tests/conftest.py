@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from study.data import load_qm9
+from study.data.qm9 import load_qm9
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def run_cli(qm9, qm9_cache_dir, tmp_path):
 @pytest.fixture(scope="session")
 def logged_study(qm9, tmp_path_factory):
     """Tiny real trials (and two that never finished) logged to a real SQLite MLflow store as one sweep."""
-    from mlflow_trials import ANALYSIS_TRIALS, make_logged_study
+    from tests.helpers.mlflow_trials import ANALYSIS_TRIALS, make_logged_study
 
     root = tmp_path_factory.mktemp("mlflow-study")
     return make_logged_study(root, qm9, ANALYSIS_TRIALS, unfinished=("stopped_early", "failed"))
@@ -59,8 +59,18 @@ def logged_study(qm9, tmp_path_factory):
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` with a SQLite store on 127.0.0.1, one per test module (a server, not
     a SQLite file, because concurrent trials write at the same time)."""
-    from tests.services import MlflowServer
+    from tests.helpers.services import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def one_torch_thread_per_test():
+    """A test module's `pytestmark = pytest.mark.usefixtures("one_torch_thread_per_test")` runs its
+    tests with one torch thread."""
+    from tests.helpers.mlflow_trials import one_torch_thread
+
+    with one_torch_thread():
+        yield

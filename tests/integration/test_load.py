@@ -1,0 +1,52 @@
+"""Load: 16 trials at once, each logging every epoch to one MLflow server with a SQLite store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from study.tracking.store import ROLE_TAG, STATUS_TAG
+from tests.helpers.services import MlflowServer
+
+pytestmark = pytest.mark.slow  # 16 concurrent trials on one MLflow server
+
+EPOCHS = 3
+
+
+def test_sixteen_concurrent_trials_lose_no_metric_point(run_cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path / "mlflow")
+    try:
+        space = tmp_path / "space.yaml"
+        space.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "load",
+                    "trial": {"l_values": [0, 1], "hidden_dim": 2, "num_layers": 0, "subset": 100, "epochs": EPOCHS, "batch_size": 16},
+                    "search": {"method": "grid", "grid": [{"l_values": [0, 1]}]},
+                    "seeds": list(range(1, 17)),
+                    "scheduler": {"type": "none"},
+                    # 16 trials share 2 CPUs: all run at once, so their writes to MLflow interleave.
+                    "resources": {"cpus_per_trial": 0.125, "max_concurrent": 16},
+                }
+            )
+        )
+        result = run_cli("sweep", str(space), "--num-cpus", "2", "--tracking-uri", server.uri, "--json", check_exit=0)
+        report = json.loads(result.stdout)
+        assert len(report["trials"]) == 16 and report["unsynced_trials"] == 0
+
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("load")
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+        assert len(runs) == 16
+        assert sorted(int(r.data.params["seed"]) for r in runs) == list(range(1, 17))
+        for run in runs:
+            assert run.data.tags[STATUS_TAG] == "completed"
+            for metric in ("train_loss", "val_mae_meV", "norm_share_l0", "norm_share_l1"):
+                steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+                assert steps == list(range(1, EPOCHS + 1)), (metric, steps)
+    finally:
+        server.stop()
