@@ -2,9 +2,10 @@
 error (ablation effects with intervals), and per-irrep utilization, structure and knockout scores
 of every trial's test embeddings, related to test error across configurations.
 
-Modules, in the order data flows: load (completed trials from MLflow), configurations (what a
-trial is a replicate of), survival (every trial run's status; which configurations completed),
-descriptors (RDKit, cached), features (rotation-invariant features per irrep block), scores,
-knockout, ablation, correlate, plots, report (self-contained HTML), pipeline (the whole command).
-Never imports Ray.
+In the order data flows: `load` (completed trials from MLflow), `scoring/` (features per irrep
+block, scores, knockouts, RDKit descriptors), `stats/` (configurations and survival, factorial and
+other ablation effects, correlations, their calibration by simulation), `report/` (the findings,
+figures, tables and the HTML page), `pipeline` (the whole command), `analysis_run` (the analysis
+as an MLflow run) and `reanalysis` (the statistics again from an analysis folder). Never imports
+Ray.
 """

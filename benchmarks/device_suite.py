@@ -26,14 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.bench.steps import (  # noqa: E402
-    format_lmax_sweep,
-    format_table,
-    parse_case,
-    run_bench,
-    run_lmax_sweep,
-)
+from study.bench.steps import parse_case, run_bench, run_lmax_sweep  # noqa: E402
 from study.bench.study import format_study_bench, parse_shrink, run_study_bench  # noqa: E402
+from study.bench.tables import format_lmax_sweep, format_table  # noqa: E402
 from study.config.space import load_search_space  # noqa: E402
 from study.data.qm9 import QM9Tensors, split_indices  # noqa: E402
 

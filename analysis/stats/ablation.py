@@ -29,8 +29,8 @@ on its design, and every row of the table says which model produced it (``method
   interval over configurations). Confounded by whatever else differs between the two groups;
   shown only to see what pairing buys.
 
-Only completed trials of configurations whose seeds all completed should be passed in (analysis/
-survival.py): an effect measured on survivors of early stopping is biased toward zero or worse.
+Only completed trials of configurations whose seeds all completed should be passed in
+(analysis/stats/survival.py): an effect measured on survivors of early stopping is biased toward zero or worse.
 The effect is in meV of test MAE: positive means including l made the error larger.
 """
 

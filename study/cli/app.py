@@ -86,7 +86,7 @@ def _global_options(
 def _quiet_libraries() -> None:
     """What this tool says is enough by default: MLflow's INFO lines (creating its tables), Ray's
     note that token authentication is on (docs/sweeps.md says so), Ray Tune's experiment banner and its
-    TensorBoard hint are shown only with --verbose (Optuna's INFO lines: study/sweep/driver.py, where the
+    TensorBoard hint are shown only with --verbose (Optuna's INFO lines: study/sweep/search.py, where the
     study is created). Their warnings and errors still are."""
     import logging
 

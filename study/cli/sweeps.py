@@ -202,15 +202,8 @@ def bench(
     cuEquivariance when installed); or their cost as lmax grows; or a whole shrunk study per backend."""
     import torch
 
-    from study.bench.steps import (
-        DEFAULT_CASES,
-        QUICK_CASES,
-        format_lmax_sweep,
-        format_table,
-        parse_case,
-        run_bench,
-        run_lmax_sweep,
-    )
+    from study.bench.steps import DEFAULT_CASES, QUICK_CASES, parse_case, run_bench, run_lmax_sweep
+    from study.bench.tables import format_lmax_sweep, format_table
     from study.training.trial import select_device
 
     # Checked here, not with typer's min=: a bad value gets the CLI's one-line error and exit code 2.

@@ -136,7 +136,7 @@ def perceive_bonds(z: np.ndarray, positions: np.ndarray) -> np.ndarray:
     its longest bond goes. The second step removes the 1.8-2.0 A transannular contacts of strained
     cages (bicyclo[1.1.1]pentanes and the like), which a distance rule alone takes for bonds. On
     QM9 the result is the graph of the molecule's SMILES for every sampled molecule
-    (tests/test_data.py measures it)."""
+    (tests/unit/data/test_data.py measures it)."""
     radius = np.array([COVALENT_RADIUS[int(a)] for a in z])
     limit = np.array([MAX_BONDS[int(a)] for a in z])
     distance = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)

@@ -1,10 +1,13 @@
-"""A study on Ray Tune: Optuna (or a grid) proposes trial configs, a seed-aware ASHA stops the weak
-configurations early (all their seeds at the same epoch; study/sweep/seed_groups.py), each trial trains
-with study.training.trial and logs itself to MLflow from its own process.
+"""A sweep from start to report: `run_sweep` opens the sweep folder (new, or reopened by
+`--resume`), builds Ray Tune's Tuner (searcher, seed-aware scheduler, callbacks, the trainable),
+runs it while watching for Ctrl-C, and reports every trial's row with the best by validation.
+Optuna (or a grid) proposes trial configs, a seed-aware ASHA stops the weak configurations early
+(all their seeds at the same epoch; study/sweep/seed_groups.py), and each trial trains with
+study.training.trial and logs itself to MLflow from its own process.
 
-The only module that knows Ray. Layout of one sweep's folder (`--storage`/<name>-<time>/):
-Ray Tune's experiment state (so `Tuner.restore` and `ExperimentAnalysis` read it), the trials'
-checkpoints, and `irrep_study_sweep.json` naming the MLflow experiment and parent run.
+Layout of one sweep's folder (`--storage`/<name>-<time>/): Ray Tune's experiment state (so
+`Tuner.restore` and `ExperimentAnalysis` read it), the trials' checkpoints, and
+`irrep_study_sweep.json` naming the MLflow experiment and parent run (study/sweep/folder.py).
 """
 
 from __future__ import annotations

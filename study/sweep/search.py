@@ -3,11 +3,31 @@ repeater, or a grid, with the param space Ray samples from and the number of sam
 
 from __future__ import annotations
 
+from ray.tune.search.optuna import OptunaSearch
+
 from study.config.space import OptunaSpace, SearchSpace
 from study.names import VAL_MAE
 from study.sweep.scheduling import SeedRepeater
 
 OPTUNA_FILE = "optuna.db"  # the Optuna study of an optuna sweep, in its folder (unless --optuna-storage)
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """Ray Tune's OptunaSearch, safe to resume after its driver was killed. A driver killed after
+    telling Optuna that a trial ended, but before Ray saved the trial as ended, leaves a resumed
+    sweep whose restored searcher still counts the trial as running: Ray runs the trial's last
+    epochs again from its checkpoint and reports them, and Optuna refuses a report for a finished
+    trial (UpdateFinishedTrialError), which stopped the whole sweep. Such a trial's results are not
+    reported again: the study keeps what it was told (OptunaSearch already ignores a second
+    completion)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        # The study's storage knows; the trial object restored with the searcher does not.
+        if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_result(trial_id, result)
 
 
 def searcher_and_space(space: SearchSpace, verbose: bool = False, optuna_storage: str | None = None, study_name: str = "optuna"):
@@ -28,7 +48,6 @@ def searcher_and_space(space: SearchSpace, verbose: bool = False, optuna_storage
         }
         return None, param_space, 1
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     if not verbose:  # "A new study created in memory ...": Optuna's INFO lines only with --verbose
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,7 +58,7 @@ def searcher_and_space(space: SearchSpace, verbose: bool = False, optuna_storage
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=space.search.seed),
     }
     metrics = space.search.objective_metrics
-    searcher = OptunaSearch(
+    searcher = ResumableOptunaSearch(
         space=OptunaSpace(space.search),
         metric=metrics if len(metrics) > 1 else VAL_MAE,
         mode=["min"] * len(metrics) if len(metrics) > 1 else "min",

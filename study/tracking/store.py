@@ -103,6 +103,11 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store (`sqlite:///PATH`); None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def default_artifact_location(uri: str) -> str | None:
     """For a local SQLite store, artifacts go to ./mlartifacts beside it; a server decides itself."""
     if uri.startswith("sqlite:///"):
@@ -155,7 +160,15 @@ def client(uri: str):
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast, with one line, when the tracking store cannot be used."""
+    """Fail fast, with one line, when the tracking store cannot be used. Writes nothing: a local
+    SQLite store that does not exist yet is not created here (opening it would), only its folder
+    checked; the sweep creates it once every check has passed."""
+    database = sqlite_file(uri)
+    if database is not None and not database.exists():
+        from study.paths import writable_folder
+
+        writable_folder(database.parent, "--tracking-uri")
+        return
     with quick_failure():
         try:
             client(uri).search_experiments(max_results=1)
@@ -184,7 +197,11 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 def find_experiment(uri: str, name: str) -> str:
-    """The id of an existing experiment; TrackingError naming it when there is none."""
+    """The id of an existing experiment; TrackingError naming it when there is none (a local
+    SQLite store that does not exist holds none, and is not created by looking)."""
+    database = sqlite_file(uri)
+    if database is not None and not database.exists():
+        raise TrackingError(f"--experiment: no experiment named {name!r}: there is no MLflow store at {database}")
     with quick_failure():
         try:
             experiment = client(uri).get_experiment_by_name(name)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from study.bench.steps import render_text, timed_step
+from study.bench.steps import timed_step
+from study.bench.tables import render_text
 from study.config.space import SearchSpace
 from study.config.trial import TrialConfig
 from study.data.qm9 import (

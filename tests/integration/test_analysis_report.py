@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +26,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread_per_test")  # tiny models
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 CHROMIUM = next((path for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(path).exists()), None)
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Headless Chromium, for the tests that look at the report as a reader would. Missing, those
+    tests skip on a developer's machine and fail in CI (CI=true), where .ci/run installs it."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("headless Chromium is missing: .ci/run installs it (Debian: apt-get install -y chromium)")
+        pytest.skip("headless Chromium not installed (Debian: apt-get install -y chromium)")
+    return CHROMIUM
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +343,7 @@ def test_the_csv_files_keep_their_raw_columns_and_full_precision(analyzed):
     assert f"{value:,.1f}" in page and repr(value) not in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.usefixtures("chromium")
 def test_the_report_fits_a_laptop_window_and_a_phone_in_headless_chromium(analyzed, tmp_path):
     """No sideways scroll at 1,280 px or at 390 px (a phone): wide tables scroll in their own
     container. benchmarks/report_screenshots.py takes the screenshots as a reader would see them."""
@@ -391,7 +403,7 @@ def test_analyze_cli_reports_a_missing_experiment_in_one_line(logged_study, run_
 
 
 @pytest.mark.slow  # a real quick sweep on Ray
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.usefixtures("chromium")
 def test_report_of_a_real_sweep_renders_in_headless_chromium(quick_sweep_analysis, tmp_path):
     import matplotlib.image
 

@@ -128,14 +128,14 @@ def test_two_drivers_sweeping_the_same_study_at_once_keep_their_own_parent_runs(
 def test_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     from datetime import datetime
 
-    from study.sweep import driver as sweep
+    from study.sweep import folder
 
     class FrozenClock:
         @staticmethod
         def now():
             return datetime(2026, 11, 26, 7, 38, 41)
 
-    monkeypatch.setattr(sweep, "datetime", FrozenClock)
-    folders = [sweep.claim_folder(tmp_path, "shared") for _ in range(3)]
+    monkeypatch.setattr(folder, "datetime", FrozenClock)
+    folders = [folder.claim_folder(tmp_path, "shared") for _ in range(3)]
     assert [f.name for f in folders] == ["shared-20261126-073841", "shared-20261126-073841-2", "shared-20261126-073841-3"]
     assert all(f.is_dir() for f in folders)

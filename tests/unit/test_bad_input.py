@@ -40,6 +40,15 @@ def raw_file(folder: Path, text: str) -> str:
     return str(path)
 
 
+def with_tracking_store(folder: Path, *args: str) -> list[str]:
+    """`args`, run where an MLflow store already exists: `folder`/mlflow.db (the commands'
+    default), holding only MLflow's Default experiment."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return list(args)
+
+
 def a_folder(folder: Path) -> str:
     path = folder / "a-folder"
     path.mkdir(exist_ok=True)
@@ -155,8 +164,17 @@ CASES = [
         ],
         ["--optuna-storage", "resumed sweep keeps"],
     ),
-    ("best of a missing experiment", lambda d: ["best", "--experiment", "never-ran"], ["--experiment", "never-ran"]),
-    ("best with a bad filter", lambda d: ["best", "--experiment", "Default", "--where", "params.x ==== 1"], ["--where"]),
+    (
+        "best of a missing experiment",
+        lambda d: with_tracking_store(d, "best", "--experiment", "never-ran"),
+        ["--experiment", "no experiment named 'never-ran'"],
+    ),
+    ("best of a study never tracked here", lambda d: ["best", "--experiment", "never-ran"], ["--experiment", "no MLflow store at"]),
+    (
+        "best with a bad filter",
+        lambda d: with_tracking_store(d, "best", "--experiment", "Default", "--where", "params.x ==== 1"),
+        ["--where"],
+    ),
     ("best --top 0", lambda d: ["best", "--experiment", "Default", "--top", "0"], ["--top"]),
     ("data unknown target", lambda d: ["data", "--target", "energy"], ["--target", "energy"]),
     ("data non-positive subset", lambda d: ["data", "--subset", "0"], ["--subset"]),
@@ -248,7 +266,11 @@ CASES = [
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file (by content) and folder under `folder`: what a refused command must leave as it was."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("build, words", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
@@ -264,8 +286,9 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_changes_nothing(run_cli, tm
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     for word in words:
         assert word in errors[0], errors[0]
-    after = snapshot(tmp_path)
-    assert {k: v for k, v in after.items() if k in before} == before  # nothing already written changed
+    # Refused before any work: nothing written before changed, and nothing new was written (no
+    # tracking store, no sweep or run folder, no output file).
+    assert snapshot(tmp_path) == before
     assert result.stdout == ""
 
 

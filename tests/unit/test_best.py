@@ -311,10 +311,12 @@ def test_the_left_out_line_names_each_reason_with_its_statuses():
 
 
 def test_library_log_lines_show_only_with_verbose(tmp_path):
-    # A fresh SQLite store: MLflow logs creating its tables at INFO.
+    # An empty SQLite file: MLflow logs creating its tables in it at INFO. (`best` creates no store
+    # where there is none.)
     def best(*flags: str) -> subprocess.CompletedProcess:
         store = tmp_path / f"store{len(flags)}"
         store.mkdir()
+        (store / "mlflow.db").touch()
         return subprocess.run(
             [sys.executable, "-m", "study.cli", *flags, "best", "--experiment", "nope", "--tracking-uri", f"sqlite:///{store}/mlflow.db"],
             capture_output=True,

@@ -15,14 +15,9 @@ import pytest
 import torch
 import yaml
 
-from study.bench.steps import (
-    BenchCase,
-    _context_lines,
-    growth_exponent,
-    parse_case,
-    step_flops,
-)
+from study.bench.steps import BenchCase, growth_exponent, parse_case, step_flops
 from study.bench.study import Shrink, parse_shrink, shrunk_configs
+from study.bench.tables import context_lines
 from study.config.space import load_search_space
 from study.errors import UserError
 from study.nn.model import IrrepConvModel
@@ -184,6 +179,6 @@ def test_the_report_says_when_cuequivariance_fell_back_from_its_cuda_kernels():
         "cueq": "cuda kernels",
         "configs": [{"cueq_method": "naive"}],
     }
-    assert "CUDA kernels failed to load" in _context_lines(report)[1]
+    assert "CUDA kernels failed to load" in context_lines(report)[1]
     report["configs"] = [{"cueq_method": "fused_tp"}]
-    assert _context_lines(report)[1] == "cuEquivariance: cuda kernels (method fused_tp)"
+    assert context_lines(report)[1] == "cuEquivariance: cuda kernels (method fused_tp)"

@@ -365,3 +365,33 @@ def test_a_grid_creates_the_seeds_of_a_configuration_one_after_another():
     from study.config.space import Scheduler
 
     assert live_trial_limit(space.model_copy(update={"scheduler": Scheduler(type="none")})) == 1
+
+
+def test_a_searcher_restored_from_before_its_trial_ended_does_not_stop_the_resumed_sweep(tmp_path):
+    """A driver killed after telling Optuna a trial ended but before Ray saved the trial as ended:
+    the resumed searcher (state saved earlier) sees the trial's last epochs reported again."""
+    import pickle
+
+    import optuna
+
+    from study.config.space import SearchSpace
+    from study.names import VAL_MAE
+    from study.sweep.search import searcher_and_space
+
+    space = SearchSpace.model_validate(
+        {"name": "one", "search": {"method": "optuna", "num_samples": 1, "params": {"l_values": {"subsets_of": [0, 1]}}}}
+    )
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher, _, _ = searcher_and_space(space, optuna_storage=url, study_name="s")
+    searcher.suggest("t0")
+    epoch = {VAL_MAE: 80.0, "epoch": 1, "training_iteration": 1}
+    searcher.on_trial_result("t0", epoch)
+    saved = pickle.dumps(searcher)  # Ray's last save of the searcher before the kill
+    searcher.on_trial_result("t0", {**epoch, VAL_MAE: 60.0, "epoch": 2, "training_iteration": 2})
+    searcher.on_trial_complete("t0", result={VAL_MAE: 60.0, "epoch": 2})
+
+    restored = pickle.loads(saved)
+    restored.on_trial_result("t0", {**epoch, VAL_MAE: 61.0, "epoch": 2, "training_iteration": 2})  # epoch 2 again
+    restored.on_trial_complete("t0", result={VAL_MAE: 61.0, "epoch": 2})
+    [trial] = optuna.load_study(study_name="s", storage=url).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 60.0  # what it was told first
