@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -70,6 +71,11 @@ def test_killed_trial_worker_resumes_from_its_checkpoint_with_each_epoch_logged_
     assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
     report = json.loads(stdout)
     assert [t["status"] for t in report["trials"]] == ["completed"]
+    # Continued from its checkpoint, not restarted: Ray's result.json keeps the reports of both
+    # attempts, and a restart from scratch would report epoch 1 (and 2) again.
+    [trial_dir] = Path(report["path"]).glob("run_sweep_trial_*")
+    reported = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    assert reported == [1, 2, 3, 4, 5], reported
 
     client, runs = trial_runs(tmp_path, "worker-kill")
     assert len(runs) == 1  # the retry kept the trial's MLflow run

@@ -120,6 +120,24 @@ def test_four_trial_sweep_on_a_two_node_cluster_is_tracked_in_mlflow(cluster, ml
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(frame["val_mae_meV"]))
     assert parents[0].data.tags["irrep_study.optuna_study"] == report["optuna_study"]
 
+    # The parent run's contract, as the real sweep wrote it: the validated space as an artifact,
+    # the sweep's params, source and version tags, and the best trial so far after each completion.
+    from study.config.space import SearchSpace, load_search_space
+    from study.tracking import store
+
+    parent = parents[0]
+    assert parent.data.params == load_search_space(space).summary_params()
+    written = client.download_artifacts(parent.info.run_id, store.SEARCH_SPACE_ARTIFACT, str(tmp_path / "parent"))
+    assert SearchSpace.model_validate(yaml.safe_load(Path(written).read_text())) == load_search_space(space)
+    assert parent.data.tags["mlflow.source.name"] == "irrep-study sweep"
+    assert parent.data.tags[store.VERSION_TAG] == store.package_version()
+    best_so_far = sorted(client.get_metric_history(parent.info.run_id, "best_val_mae_meV"), key=lambda m: m.step)
+    assert [m.step for m in best_so_far] == [1, 2, 3, 4]  # one point per completed trial
+    values = [m.value for m in best_so_far]
+    assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(report["best"]["best_val_mae_meV"])
+    finished = client.get_metric_history(parent.info.run_id, "trials_finished")
+    assert sorted((m.step, m.value) for m in finished) == [(k, float(k)) for k in (1, 2, 3, 4)]
+
     # `best` ranks the same runs and exports a config that `train` accepts.
     ranked = run_cli(
         "best",

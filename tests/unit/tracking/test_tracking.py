@@ -229,3 +229,36 @@ def test_best_so_far_is_skipped_with_one_line_when_the_server_is_down(tmp_path, 
     old.__dict__.update(tracking_uri=callback.tracking_uri, spool_dir=callback.spool_dir)
     _complete(old, [], "t2", "completed", 80.0, 85.0)
     assert capsys.readouterr().err == ""
+
+
+def test_a_finished_sweep_ends_the_trial_runs_its_killed_driver_left_running_and_only_those(tmp_path):
+    """The orphan path of a resume: a trial run the killed driver had opened but Ray never saved
+    stays RUNNING; once the resumed sweep has finished, it is ended as interrupted, with the reason,
+    and the parent run as completed. Runs of the sweep already ended and runs of another sweep stay
+    as they are."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = store.ensure_experiment(uri, "orphans")
+    client = store.client(uri)
+
+    def run(parent: str | None, name: str) -> str:
+        tags = {store.ROLE_TAG: "trial" if parent else "sweep", store.STATUS_TAG: "running"}
+        if parent:
+            tags[store.PARENT_TAG] = parent
+        return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+    parent, other_parent = run(None, "sweep"), run(None, "other sweep")
+    done, orphan, elsewhere = run(parent, "done"), run(parent, "orphan"), run(other_parent, "elsewhere")
+    store.finish_run(client, done, "completed")
+    said = []
+    record = journal.SweepRecord(tmp_path / "sweep", "orphans", experiment_id, parent)
+
+    assert journal.finish_tracking(uri, record, said.append, final=True) == 0
+
+    ended = client.get_run(orphan)
+    assert ended.info.status == "KILLED" and ended.data.tags[store.STATUS_TAG] == "interrupted"
+    assert ended.data.tags["irrep_study.reason"] == journal.ORPHAN_REASON
+    assert client.get_run(done).data.tags[store.STATUS_TAG] == "completed" and client.get_run(done).info.status == "FINISHED"
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # another sweep's run is not this sweep's orphan
+    finished = client.get_run(parent)
+    assert finished.info.status == "FINISHED" and finished.data.tags[store.STATUS_TAG] == "completed"
+    assert said == ["marked 1 trial run(s) that an interrupted driver left behind as interrupted"]
