@@ -27,6 +27,9 @@ REPLICATE_PARAM = "seed"
 # its seed axis).
 REPLICATE_KEYS = (REPLICATE_PARAM, "__trial_index__")
 BOOKKEEPING_PARAMS = ("device", *EXECUTION_FIELDS)
+NOT_CONFIGURATION = frozenset({*REPLICATE_KEYS, *BOOKKEEPING_PARAMS})
+# The trial-config fields that define a configuration, in the config's order.
+CONFIGURATION_FIELDS = tuple(name for name in TrialConfig.model_fields if name not in NOT_CONFIGURATION)
 # Short names in labels, in this order first; other varying parameters follow by name.
 LABEL_NAMES = {"l_values": "l", "hidden_dim": "h", "num_layers": "layers", "lr": "lr"}
 
@@ -34,8 +37,7 @@ LABEL_NAMES = {"l_values": "l", "hidden_dim": "h", "num_layers": "layers", "lr":
 def configuration_key(config: Mapping[str, Any]) -> str:
     """A trial's configuration as one string (sorted JSON): its parameters without the replicate
     keys and the bookkeeping fields. Seeds of one configuration share it, and nothing else does."""
-    excluded = {*REPLICATE_KEYS, *BOOKKEEPING_PARAMS}
-    return json.dumps({k: v for k, v in config.items() if k not in excluded}, sort_keys=True, default=repr)
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_CONFIGURATION}, sort_keys=True, default=repr)
 
 
 def configuration_params(params: dict[str, str]) -> dict[str, str]:
@@ -45,8 +47,7 @@ def configuration_params(params: dict[str, str]) -> dict[str, str]:
     old and a new run of the same setup are the same configuration.
     """
     known = {**{k: str(v) for k, v in LEGACY_DEFAULTS.items()}, **params}
-    excluded = {*REPLICATE_KEYS, *BOOKKEEPING_PARAMS}
-    return {name: str(known.get(name, "")) for name in TrialConfig.model_fields if name not in excluded}
+    return {name: str(known.get(name, "")) for name in CONFIGURATION_FIELDS}
 
 
 def _typed(values):
@@ -74,7 +75,7 @@ def label_configurations(params: Sequence[dict[str, str]]):
     import pandas as pd
 
     rows = [configuration_params(p) for p in params]
-    frame = pd.DataFrame(rows, columns=[n for n in TrialConfig.model_fields if n not in (REPLICATE_PARAM, *BOOKKEEPING_PARAMS)])
+    frame = pd.DataFrame(rows, columns=list(CONFIGURATION_FIELDS))
     varying = [name for name in frame.columns if frame[name].nunique() > 1 and name != "l_values"]
     ordered = [n for n in LABEL_NAMES if n in varying] + sorted(n for n in varying if n not in LABEL_NAMES)
     table = pd.DataFrame({"l_values": frame["l_values"]})

@@ -1,7 +1,8 @@
 """Every check before a sweep, in one step the CLI calls once: the search space, the folders, the
 Optuna storage, the tracking server, QM9, the memory of the largest trial on this machine, and
 Ray's resources. Each refusal is one line (UserError) and comes before any work: nothing is
-written to the tracking store, the sweep folder or Ray until every check has passed.
+written to the tracking store or a sweep folder until every check has passed (the last check,
+of Ray's resources, needs Ray connected, or a local Ray started).
 """
 
 from __future__ import annotations

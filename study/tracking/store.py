@@ -110,10 +110,8 @@ def sqlite_file(uri: str) -> Path | None:
 
 def default_artifact_location(uri: str) -> str | None:
     """For a local SQLite store, artifacts go to ./mlartifacts beside it; a server decides itself."""
-    if uri.startswith("sqlite:///"):
-        store = Path(uri.removeprefix("sqlite:///"))
-        return (store.parent / "mlartifacts").resolve().as_uri()
-    return None
+    database = sqlite_file(uri)
+    return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
 
 
 # In sweep processes a write that fails is retried this often, with exponential backoff (MLflow's
