@@ -47,14 +47,9 @@ from analysis.report.sections import (
     study_summary,
 )
 from analysis.scoring.descriptors import descriptors
-from analysis.scoring.scores import (
-    ALL_SCORES,
-    ScoreSettings,
-    knockout_shares,
-    residual_target,
-    score_embedding,
-    structure_sample,
-)
+from analysis.scoring.kept import KeptScores, TrialScores, score_key
+from analysis.scoring.scores import ALL_SCORES, ScoreSettings, residual_target
+from analysis.scoring.trials import ScoringJob, score_trials
 from analysis.stats.ablation import (
     ablation_effects,
     headline,
@@ -68,6 +63,7 @@ from analysis.stats.survival import (
     trial_runs,
 )
 from study.names import BASELINE_TEST_MAE, BEST_VAL_MAE, EPOCH_SECONDS, TEST_MAE
+from study.tracking import store
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 # Per configuration, mean and seed sd of each: the errors beside the composition fit, and the cost
@@ -83,6 +79,8 @@ class AnalysisSettings:
     n_perm: int = 2000
     umap_figures: int = 3  # UMAP grids of this many best and this many worst trials
     log_to_mlflow: bool = True
+    workers: int = 1  # trials scored at the same time, each in its own process (1: in this one)
+    reuse_scores: bool = True  # read back and keep each trial's scores with its MLflow run (analysis/scoring/kept.py)
 
 
 @dataclass
@@ -178,27 +176,6 @@ def _trial_table(
     return pd.DataFrame(rows)
 
 
-def score_trial(trial: Trial, nsps: np.ndarray, settings: AnalysisSettings, tensors_loader, on_step=None):
-    """Utilization, structure and (if enabled) knockout scores of one trial, its UMAP coordinates,
-    and the model's and the composition fit's MAE on the knockout molecules (NaN without knockouts)."""
-    embeddings = trial.embeddings
-    residual = residual_target(embeddings)
-    result = score_embedding(embeddings.graph, embeddings.layout, residual, nsps, settings.scores, on_block=on_step)
-    maes = (math.nan, math.nan)
-    if settings.knockout:
-        from analysis.scoring.knockout import trial_knockout
-
-        sample = structure_sample(len(embeddings.target), settings.scores)
-        rows = None if len(sample) == len(embeddings.target) else sample
-        knockout = trial_knockout(trial, tensors_loader(), rows=rows, on_step=on_step)
-        # The gain over the composition fit is measured on the same molecules as the deltas.
-        composition_mae = float(np.abs(residual[sample]).mean() * 1000.0)
-        maes = (knockout.baseline_mae_meV, composition_mae)
-        for block, deltas in knockout.deltas.items():
-            result.values[block].update(knockout_shares(deltas, knockout.baseline_mae_meV, composition_mae))
-    return result, maes
-
-
 def run_analysis(
     experiment: str,
     out_dir: Path,
@@ -230,7 +207,7 @@ def run_analysis(
     all_smiles = sorted({s for t in study.trials for s in t.embeddings.smiles.tolist()})
     molecules = descriptors(all_smiles, descriptor_cache_dir).set_index("smiles")
     report("descriptors", 1, 1)
-    scored = _score_trials(study.trials, molecules, settings, _lazy_qm9(qm9_cache_dir, log), report)
+    scored = _score_trials(study.trials, molecules, settings, study.tracking_uri, qm9_cache_dir, log, report)
     tables = _tables(study, scored, runs, context, settings, log, report)
     files = _write_tables(out_dir, {**tables.frames, "molecules": _molecule_table(study.trials, molecules, scored.errors)})
 
@@ -290,21 +267,6 @@ def run_analysis(
     return outcome
 
 
-def _lazy_qm9(cache_dir: Path | None, log: Callable[[str], None]) -> Callable[[], object]:
-    """QM9 loaded at the first call only: only knockouts need it."""
-    tensors = None
-
-    def load():
-        nonlocal tensors
-        if tensors is None:
-            from study.data.qm9 import load_qm9
-
-            tensors = load_qm9(cache_dir, log=log)
-        return tensors
-
-    return load
-
-
 @dataclass
 class _Scored:
     """Every trial's block scores and its per-molecule errors."""
@@ -316,31 +278,68 @@ class _Scored:
     errors: dict[str, pd.Series] = field(default_factory=dict)  # run id -> |error| (meV) by mol_id
 
 
-def _score_trials(trials: list[Trial], molecules: pd.DataFrame, settings: AnalysisSettings, tensors_loader, report: Progress) -> _Scored:
+def _score_trials(
+    trials: list[Trial],
+    molecules: pd.DataFrame,
+    settings: AnalysisSettings,
+    tracking_uri: str,
+    qm9_cache_dir: Path | None,
+    log: Callable[[str], None],
+    report: Progress,
+) -> _Scored:
+    """Every trial's scores: read back where its run keeps them for these settings, the others
+    computed (``settings.workers`` at a time) and kept with their runs as each one finishes."""
+    jobs = [ScoringJob(t, molecules.loc[t.embeddings.smiles.tolist()]["nsps"].to_numpy(dtype=np.float64)) for t in trials]
+    scores: dict[int, TrialScores] = {}
+    kept = KeptScores(store.client(tracking_uri), score_key(settings.scores, settings.knockout)) if settings.reuse_scores else None
+    changed: list[str] = []
+    if kept is not None:
+        for index, trial in enumerate(trials):
+            report("reading kept scores", index, len(trials))
+            found, difference = kept.read(trial.run_id)
+            if found is not None:
+                scores[index] = found
+            elif difference:
+                changed.append(difference)
+    todo = [index for index in range(len(trials)) if index not in scores]
+    reused = f"{len(scores)} read back from their MLflow runs, " if kept is not None else ""
+    at_a_time = f" ({min(settings.workers, len(todo))} at a time)" if todo else ""
+    log(f"scores of {len(trials)} trials: {reused}{len(todo)} to compute{at_a_time}")
+    if changed:
+        log(f"{len(changed)} of them kept scores of other settings, recomputed ({'; '.join(sorted(set(changed)))})")
+    finished = 0
+    report("scoring", 0, len(todo))
+
+    def on_scored(position: int, result: TrialScores) -> None:
+        nonlocal finished
+        index = todo[position]
+        scores[index] = result
+        if kept is not None:
+            try:
+                kept.write(trials[index].run_id, result)
+            except Exception as exc:  # a read-only store still gets its analysis, only slower next time
+                log(f"could not keep the scores of {trials[index].label} in MLflow ({type(exc).__name__}: {str(exc)[:200]})")
+        finished += 1
+        report(f"scored {trials[index].label}", finished, len(todo))
+
+    score_trials([jobs[index] for index in todo], settings.scores, settings.knockout, settings.workers, qm9_cache_dir, on_scored, log)
+
     scored = _Scored()
-    for index, trial in enumerate(trials):
-        report(f"scoring {trial.label}", index, len(trials))
-        own = molecules.loc[trial.embeddings.smiles.tolist()]
-        nsps = own["nsps"].to_numpy(dtype=np.float64)
-        result, scored.knockout_maes[trial.run_id] = score_trial(
-            trial,
-            nsps,
-            settings,
-            tensors_loader,
-            on_step=lambda step, label=trial.label, index=index: report(f"scoring {label}: {step}", index, len(trials)),
-        )
-        scored.projections[trial.run_id] = (result, nsps)
+    for index, (trial, job) in enumerate(zip(trials, jobs)):
+        result = scores[index]
+        scored.knockout_maes[trial.run_id] = result.knockout_maes
+        scored.projections[trial.run_id] = (result, job.nsps)
         for block, values in result.values.items():
             for score in ALL_SCORES:
                 if score in values:
                     scored.score_rows.append({"run_id": trial.run_id, "block": block, "score": score, "value": values[score]})
         abs_error = np.abs(trial.embeddings.prediction - trial.embeddings.target) * 1000.0
+        own = molecules.loc[trial.embeddings.smiles.tolist()]
         per_descriptor = molecule_correlations(abs_error, own.reset_index(drop=True))
         per_descriptor.insert(0, "run_id", trial.run_id)
         per_descriptor.insert(1, "label", trial.label)
         scored.within.append(per_descriptor)
         scored.errors[trial.run_id] = pd.Series(abs_error, index=trial.embeddings.mol_id)
-    report("scoring", len(trials), len(trials))
     return scored
 
 

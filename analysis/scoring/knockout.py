@@ -17,6 +17,7 @@ the same code computes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from study.data.qm9 import CollatedSplit
 from study.data.reference import TargetReference
 from study.errors import UserError
 from study.nn.irreps import IrrepBlock
-from study.nn.model import IrrepConvModel, evaluation_pass
+from study.nn.model import IrrepConvModel, evaluation_pass, to_device
 
 EVAL_BATCH_SIZE = 128
 WHERE = ("all", "last")
@@ -96,22 +97,55 @@ def knockout_scores(
     """Increase of the MAE (meV, thousandths of the target unit) when each block is zeroed."""
     targets = np.asarray(targets, dtype=np.float64)
     units = list(units) if units is not None else analysis_blocks(model.layout)
-    # Collated once, on the model's device: every knockout below is one more pass over it.
+    # Collated once, on the model's device.
     split = CollatedSplit(dataset, next(model.parameters()).device)
-    baseline = predictions(model, split, reference, dtype)
+    baseline, kept = knockout_predictions(model, split, reference, dtype, units, on_step)
     baseline_mae = float(np.abs(baseline - targets).mean() * 1000.0)
-    deltas: dict[str, dict[str, float]] = {}
-    kept: dict[tuple[str, str], np.ndarray] = {}
-    for unit in units:
-        deltas[unit.name] = {}
-        for where in WHERE:
-            if on_step is not None:
-                on_step(f"{unit.name}/{where}")
-            with zeroed(model, unit.members, where):
-                knocked = predictions(model, split, reference, dtype)
-            kept[(unit.name, where)] = knocked
-            deltas[unit.name][f"knockout_{where}_meV"] = float(np.abs(knocked - targets).mean() * 1000.0) - baseline_mae
+    deltas: dict[str, dict[str, float]] = {unit.name: {} for unit in units}
+    for (name, where), knocked in kept.items():
+        deltas[name][f"knockout_{where}_meV"] = float(np.abs(knocked - targets).mean() * 1000.0) - baseline_mae
     return KnockoutResult(baseline_mae_meV=baseline_mae, baseline=baseline, deltas=deltas, predictions=kept)
+
+
+@torch.no_grad()
+def knockout_predictions(
+    model: IrrepConvModel,
+    split: CollatedSplit,
+    reference: TargetReference,
+    dtype: torch.dtype,
+    units: Sequence[AnalysisBlock],
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, dict[tuple[str, str], np.ndarray]]:
+    """The unmodified predictions and, per (block, where), the knocked-out ones, in dataset order.
+
+    The same numbers as a pass of :func:`predictions` per knockout under :func:`zeroed` (a test
+    compares them exactly), from one loop over the batches that computes each shared part once:
+    the geometry and the input block for every knockout, and the unmodified last-layer features
+    for every ``last`` knockout (which only re-runs the readout). On the ablation's [0,1,2,3] x 16,
+    3-layer models that is 29 block evaluations per batch instead of 65.
+    """
+    for name in ("input_block", "blocks", "readout"):
+        if not hasattr(model, name):
+            raise KnockoutError(f"model {type(model).__name__} has no {name!r}; knockouts need the reference structure")
+    model.eval()
+    device = next(model.parameters()).device
+    baseline: list[torch.Tensor] = []
+    knocked: dict[tuple[str, str], list[torch.Tensor]] = {(unit.name, where): [] for unit in units for where in WHERE}
+    batches = list(split.batches(EVAL_BATCH_SIZE))
+    for index, batch in enumerate(batches):
+        if on_step is not None:
+            on_step(f"knockouts, batch {index + 1}/{len(batches)}")
+        batch = to_device(batch, device, dtype)
+        x0, graph = model.input_features(batch)
+        last = model.layer_features(x0, graph)[-1]
+        baseline.append(reference.absolute(model.predict(last, graph), batch))
+        for unit in units:
+            zero = functools.partial(_slices_zeroed, members=unit.members)
+            everywhere = model.layer_features(zero(x0), graph, after_block=zero)[-1]
+            knocked[(unit.name, "all")].append(reference.absolute(model.predict(everywhere, graph), batch))
+            knocked[(unit.name, "last")].append(reference.absolute(model.predict(zero(last), graph), batch))
+    joined = {key: torch.cat(parts).cpu().numpy() for key, parts in knocked.items()}
+    return torch.cat(baseline).cpu().numpy(), joined
 
 
 def trial_knockout(trial, tensors, rows: np.ndarray | None = None, on_step: Callable[[str], None] | None = None) -> KnockoutResult:

@@ -120,26 +120,41 @@ def calibration(spec: SimulatedFactorial, studies: int, seed: int = 0, with_mole
         table = factorial_effects(trials, design, errors=errors if with_molecules else None)
         for row in family(table).itertuples():
             meV_truth, log_truth = truth[row.term]
-            hits.setdefault((row.term, "meV"), []).append((row.lo_meV <= meV_truth <= row.hi_meV, row.p <= 0.05))
+            # A NaN bound or p counts as a miss and as no rejection, and is counted apart in "nan",
+            # so a rate over the finite intervals alone cannot hide it.
+            meV_nan = not np.isfinite([row.lo_meV, row.hi_meV, row.p]).all()
+            hits.setdefault((row.term, "meV"), []).append((row.lo_meV <= meV_truth <= row.hi_meV, row.p <= 0.05, meV_nan))
             log_lo, log_hi = np.log(row.ratio_lo), np.log(row.ratio_hi)
-            hits.setdefault((row.term, "log"), []).append((log_lo <= log_truth <= log_hi, not (log_lo <= 0 <= log_hi)))
+            log_nan = not np.isfinite([log_lo, log_hi]).all()
+            log_rejects = not log_nan and not (log_lo <= 0 <= log_hi)
+            hits.setdefault((row.term, "log"), []).append((log_lo <= log_truth <= log_hi, log_rejects, log_nan))
         for row in table[table["kind"] == "lack_of_fit"].itertuples():
-            lack.setdefault("log" if "log" in row.context else "meV", []).append(row.p <= 0.05)
+            lack.setdefault("log" if "log" in row.context else "meV", []).append((row.p <= 0.05, not np.isfinite(row.p)))
     rows = []
     for (term, scale), values in hits.items():
         value = truth[term][0 if scale == "meV" else 1]
-        covered, rejected = np.array(values).T
+        covered, rejected, nan = np.array(values).T
         rows.append(
-            {"term": term, "scale": scale, "truth": value, "coverage": covered.mean(), "rejects": rejected.mean(), "studies": studies}
+            {
+                "term": term,
+                "scale": scale,
+                "truth": value,
+                "coverage": covered.mean(),
+                "rejects": rejected.mean(),
+                "nan": nan.mean(),
+                "studies": studies,
+            }
         )
     for scale, values in lack.items():
+        rejected, nan = np.array(values).T
         rows.append(
             {
                 "term": "lack of fit",
                 "scale": scale,
                 "truth": np.nan,
                 "coverage": np.nan,
-                "rejects": float(np.mean(values)),
+                "rejects": rejected.mean(),
+                "nan": nan.mean(),
                 "studies": studies,
             }
         )
@@ -224,12 +239,17 @@ def rejection_rates(
     mixed: bool = False,
     alpha: float = 0.05,
 ) -> dict[str, float]:
-    """Share of simulated studies with p <= alpha, for each p the chosen analysis reports."""
+    """Share of simulated studies with p <= alpha, for each p the chosen analysis reports; and,
+    under ``NAME_nan``, the share whose p was NaN (counted as not rejecting in the rate, so it is
+    reported apart rather than hidden in a low rate)."""
     rng = np.random.default_rng(seed)
     hits: dict[str, list[bool]] = {}
+    nans: dict[str, list[bool]] = {}
     for k in range(studies):
         study = simulated_study(rng, configurations, seeds, config_share, rho)
         p = per_trial_p(study, n_perm, k) if per_trial else per_configuration_p(study, n_perm, k, mixed)
         for name, value in p.items():
             hits.setdefault(name, []).append(bool(value <= alpha))
-    return {name: float(np.mean(values)) for name, values in hits.items()}
+            nans.setdefault(name, []).append(bool(np.isnan(value)))
+    rates = {name: float(np.mean(values)) for name, values in hits.items()}
+    return rates | {f"{name}_nan": float(np.mean(values)) for name, values in nans.items()}

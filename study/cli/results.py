@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -200,6 +201,16 @@ def analyze(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples and permutations per correlation.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of subsampling, UMAP, cross-validation and resampling.")] = 0,
     log_mlflow: Annotated[bool, typer.Option(help="Log the analysis as an MLflow run (role=analysis).")] = True,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Trials scored at the same time, each in its own process (default: one per CPU core).")
+    ] = None,
+    reuse_scores: Annotated[
+        bool,
+        typer.Option(
+            help="Read each trial's scores back from its MLflow run where an analysis with the same settings kept them, "
+            "and keep the newly computed ones there."
+        ),
+    ] = True,
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -211,6 +222,8 @@ def analyze(
         raise UserError(f"--max-molecules: must be at least 10, got {max_molecules}")
     if bootstrap < 100:
         raise UserError(f"--bootstrap: must be at least 100, got {bootstrap}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers: must be at least 1, got {workers}")
     if out is None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         out = Path("analyses") / f"{safe}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -224,6 +237,8 @@ def analyze(
         n_boot=bootstrap,
         n_perm=bootstrap,
         log_to_mlflow=log_mlflow,
+        workers=workers or os.cpu_count() or 1,
+        reuse_scores=reuse_scores,
     )
     with Progress(
         TextColumn("[bold]analyze[/]"),

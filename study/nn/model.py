@@ -132,6 +132,17 @@ class InteractionBlock(nn.Module):
 
 
 @dataclass
+class GraphContext:
+    """What every block of one batch shares: positions, edges, their geometry, and which graph each atom is in."""
+
+    pos: Tensor
+    edge_index: Tensor
+    geometry: object  # edge_geometry's result
+    graph_index: Tensor
+    num_graphs: int
+
+
+@dataclass
 class Embedding:
     """What :meth:`IrrepConvModel.embed` returns; slice any feature with ``layout``."""
 
@@ -198,17 +209,34 @@ class IrrepConvModel(nn.Module):
 
     def _node_features(self, batch) -> tuple[list[Tensor], Tensor, int]:
         """The layer loop shared by forward and embed: per-block node features, graph index, graph count."""
-        pos, edge_index = batch.pos, batch.edge_index
+        x, graph = self.input_features(batch)
+        return self.layer_features(x, graph), graph.graph_index, graph.num_graphs
+
+    def input_features(self, batch) -> tuple[Tensor, GraphContext]:
+        """The input block's node features and what every later block and the readout reuse."""
         graph_index, num_graphs = _graph_index(batch)
         first = self.input_block
-        geometry = edge_geometry(pos, edge_index, self.l_values, first.edge_dim, first.cutoff)
-        x = first(self.atom_embedding(batch.z), pos, edge_index, geometry)
+        geometry = edge_geometry(batch.pos, batch.edge_index, self.l_values, first.edge_dim, first.cutoff)
+        graph = GraphContext(batch.pos, batch.edge_index, geometry, graph_index, num_graphs)
+        return first(self.atom_embedding(batch.z), batch.pos, batch.edge_index, geometry), graph
+
+    def layer_features(self, x: Tensor, graph: GraphContext, after_block=None) -> list[Tensor]:
+        """``x`` (the input block's output) and each residual block's node features after it.
+        ``after_block``, if given, is applied to each block's output before its residual sum
+        (analysis/scoring/knockout.py zeroes a slice there)."""
         node_features = [x]
         for block in self.blocks:
+            out = block(x, graph.pos, graph.edge_index, graph.geometry)
+            if after_block is not None:
+                out = after_block(out)
             # Out of place, so the features already stored for embed() are not modified.
-            x = block(x, pos, edge_index, geometry) + x
+            x = out + x
             node_features.append(x)
-        return node_features, graph_index, num_graphs
+        return node_features
+
+    def predict(self, x: Tensor, graph: GraphContext) -> Tensor:
+        """Standardized prediction per graph from the last block's node features ``x``."""
+        return self._predict(x, graph.graph_index, graph.num_graphs)
 
     def _predict(self, x: Tensor, graph_index: Tensor, num_graphs: int) -> Tensor:
         per_atom = self.readout(x)  # [n, 1]: only the l = 0 channels reach it

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 import yaml
@@ -51,16 +52,21 @@ def test_driver_memory_stays_flat_over_200_short_trials(qm9, qm9_cache_dir, tmp_
     )
     # (trials finished so far, resident set size in MiB of the driver process alone)
     samples: list[tuple[int, float]] = []
-    started = time.monotonic()
+    # No wall clock on the whole sweep (a loaded 2-core machine may take long): only a hang fails,
+    # when no trial at all finishes in 10 minutes (a trial takes seconds).
+    progress_at, last_done = time.monotonic(), -1
     process = psutil.Process(driver.pid)
     try:
         while driver.poll() is None:
             try:
-                samples.append((finished_runs(tmp_path / "mlflow.db"), process.memory_info().rss / 2**20))
+                done = finished_runs(tmp_path / "mlflow.db")
+                samples.append((done, process.memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
                 break
-            if time.monotonic() - started > 1500:
-                pytest.fail("200 short trials took more than 25 minutes")
+            if done > last_done:
+                progress_at, last_done = time.monotonic(), done
+            if time.monotonic() - progress_at > 600:
+                pytest.fail(f"no trial finished in 10 minutes (after {last_done} of {TRIALS})")
             time.sleep(0.5)
         driver.wait(timeout=60)
     finally:
@@ -74,18 +80,26 @@ def test_driver_memory_stays_flat_over_200_short_trials(qm9, qm9_cache_dir, tmp_
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'", max_results=1000)
     assert len(runs) == TRIALS
 
-    # Compare the driver while trials 40-60 finish (past start-up: Ray, the dataset, the first
-    # trials) with trials 170-195 (before the end of the sweep, which reads every result back):
-    # a per-trial leak of even 0.2 MiB would add about 25 MiB in between.
-    early = [rss for done, rss in samples if 40 <= done < 60]
-    late = [rss for done, rss in samples if 170 <= done < 195]
-    assert early and late, samples[::20]
-    growth = max(late) - max(early)
+    # Growth per trial: the slope of a least-squares line through the driver's peak RSS at each
+    # count of finished trials from 40 (past start-up: Ray, the dataset, the first trials) to 195
+    # (before the end of the sweep, which reads every result back). A slope over the whole range,
+    # not two windows, so one garbage-collection spike moves it little. Measured on 2 cores
+    # (2026-12-02): +0.075 MiB per trial (875 -> 880 MiB from trial 41 to 194), allocator and
+    # Ray bookkeeping. The bound, 0.25 MiB per trial (about 39 MiB over the range), is three
+    # times that; a driver that kept each trial's result rows or a tracking client per trial
+    # (0.5 MiB and more) fails it.
+    peak: dict[int, float] = {}
+    for done, rss in samples:
+        if 40 <= done < 195:
+            peak[done] = max(rss, peak.get(done, 0.0))
+    assert len(peak) >= 50, samples[::20]  # enough trial counts seen for a slope to mean something
+    counts = np.array(sorted(peak), dtype=float)
+    slope = float(np.polyfit(counts, [peak[int(c)] for c in counts], 1)[0])
     print(
-        f"driver RSS over {TRIALS} trials: {max(early):.0f} MiB around trial 50, {max(late):.0f} MiB "
-        f"around trial 180, growth {growth:+.1f} MiB"
+        f"driver RSS over {TRIALS} trials: {peak[int(counts[0])]:.0f} MiB at trial {counts[0]:.0f}, "
+        f"{peak[int(counts[-1])]:.0f} MiB at trial {counts[-1]:.0f}, slope {slope:+.3f} MiB per trial"
     )
-    assert growth < 20, f"driver memory grew by {growth:.1f} MiB between trial 50 and trial 180"
+    assert slope < 0.25, f"driver memory grew by {slope:.3f} MiB per trial between trial 40 and trial 195"
 
 
 def finished_runs(database) -> int:

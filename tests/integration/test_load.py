@@ -43,6 +43,17 @@ def test_sixteen_concurrent_trials_lose_no_metric_point(run_cli, tmp_path):
         runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
         assert len(runs) == 16
         assert sorted(int(r.data.params["seed"]) for r in runs) == list(range(1, 17))
+        # Concurrent: the trials' runs overlapped in time (each run is open from its trial's start
+        # to its end), so their writes to the one server interleaved. At least two open at once
+        # is what the name claims; trials run one after another would fail it. (All 16 at once is
+        # not asked: Ray starts workers one after another and a trial takes seconds.)
+        events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
+        open_runs, most_at_once = 0, 0
+        for _, change in events:  # an end sorts before a start at the same millisecond: not an overlap
+            open_runs += change
+            most_at_once = max(most_at_once, open_runs)
+        print(f"at most {most_at_once} of 16 trial runs open at once")
+        assert most_at_once >= 2, sorted((r.info.start_time, r.info.end_time) for r in runs)
         for run in runs:
             assert run.data.tags[STATUS_TAG] == "completed"
             for metric in ("train_loss", "val_mae_meV", "norm_share_l0", "norm_share_l1"):

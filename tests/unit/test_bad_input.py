@@ -204,6 +204,11 @@ CASES = [
         ["--out", "a-file", "exists and is not a folder"],
     ),
     (
+        "analyze --workers 0",
+        lambda d: ["analyze", "--experiment", "Default", "--workers", "0"],
+        ["--workers", "at least 1", "got 0"],
+    ),
+    (
         "analyze --out below a file",
         lambda d: ["analyze", "--experiment", "Default", "--out", str(d / "a-file" / "x")],
         ["--out", "a-file", "is a file, not a folder"],

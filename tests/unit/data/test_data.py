@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import shutil
+import os
 
 import numpy as np
 import pytest
@@ -231,20 +231,30 @@ def test_cache_is_reused_and_corrupt_or_stale_cache_rebuilt(small_source, tmp_pa
     assert torch.equal(rebuilt.y, built.y) and torch.equal(rebuilt.bonds, built.bonds)
     assert load_qm9(cache, log=lambda m: None, source_dir=small_source).smiles == built.smiles
 
-    # A changed source makes the cache stale.
-    with open(small_source / "qm9_part1.csv", "a") as handle:
-        handle.write("")
-    shutil.copy(small_source / "qm9_part1.csv", small_source / "copy.csv")
-    (small_source / "copy.csv").replace(small_source / "qm9_part1.csv")
+    # A changed source makes the cache stale. The cache fingerprints a source by size and
+    # modification time; a rewrite within one tick of a coarse filesystem clock can keep the
+    # mtime, so the change is made explicit: the same bytes with an mtime 5 s later (os.utime),
+    # and then a source one line shorter with the original mtime (the size alone).
+    source = small_source / "qm9_part1.csv"
+    original = source.stat()
+    os.utime(source, ns=(original.st_atime_ns, original.st_mtime_ns + 5 * 10**9))
     messages.clear()
     load_qm9(cache, log=messages.append, source_dir=small_source)
+    assert any("stale" in m for m in messages), messages
+    messages.clear()
+    assert load_qm9(cache, log=messages.append, source_dir=small_source).smiles == built.smiles and messages == []
+    lines = source.read_text().splitlines(keepends=True)
+    source.write_text("".join(lines[:-1]))
+    os.utime(source, ns=(original.st_atime_ns, original.st_mtime_ns + 5 * 10**9))
+    messages.clear()
+    assert len(load_qm9(cache, log=messages.append, source_dir=small_source)) == 39
     assert any("stale" in m for m in messages), messages
 
     # A cache written by another format version is rebuilt, not misread.
     meta = json.loads((cache / CACHE_META_FILE).read_text())
     (cache / CACHE_META_FILE).write_text(json.dumps({**meta, "format_version": 0}))
     messages.clear()
-    assert len(load_qm9(cache, log=messages.append, source_dir=small_source)) == 40
+    assert len(load_qm9(cache, log=messages.append, source_dir=small_source)) == 39
     assert any("format version" in m for m in messages), messages
 
 

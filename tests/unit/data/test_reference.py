@@ -61,20 +61,31 @@ def test_an_element_missing_from_training_gets_zero_and_a_warning():
 
 
 def test_qm9_fit_uses_the_training_split_only(qm9):
-    """Changing a test molecule's target changes no coefficient (the fit never sees it)."""
+    """Changing the target of every molecule outside the training split (validation, test, and
+    the molecules the subset leaves out) changes no coefficient; changing the training split's
+    targets does: the training split is the fit's only input."""
+    from dataclasses import replace
+
     from study.config.trial import TrialConfig
     from study.training.trial import prepare_data
 
     config = TrialConfig(subset=600)
     data = prepare_data(config, qm9)
+    train = torch.as_tensor(data.train.indices)
+    outside = torch.ones(qm9.y.shape[0], dtype=torch.bool)
+    outside[train] = False
+    assert int(outside.sum()) == qm9.y.shape[0] - len(train) > len(data.val.indices) + len(data.test.indices)
     changed = qm9.y.clone()
-    changed[torch.as_tensor(data.test.indices), 12] += 1000.0
-    from dataclasses import replace
-
+    changed[outside, 12] += 1000.0
     refit = prepare_data(config, replace(qm9, y=changed))
     assert refit.reference == data.reference
-    # ... while the baseline's test error sees the change.
+    # ... while the baselines' validation and test errors see the change.
+    assert refit.baseline_val_mae_meV > data.baseline_val_mae_meV + 900_000
     assert refit.baseline_test_mae_meV > data.baseline_test_mae_meV + 900_000
+    # The fit does read the training split: shifting its targets moves the coefficients.
+    changed = qm9.y.clone()
+    changed[train, 12] += 1000.0
+    assert prepare_data(config, replace(qm9, y=changed)).reference != data.reference
 
 
 def test_composition_baseline_on_qm9_is_the_documented_figure(qm9):
