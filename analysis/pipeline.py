@@ -21,6 +21,10 @@ Everything is then logged as one MLflow run tagged ``irrep_study.role=analysis``
 analysed sweep's parent run (see `analysed_sweep`): every file as an artifact, a few summary
 numbers as metrics.
 
+Each trial's scores are kept with its MLflow run and read back by a later analysis with the same
+settings (analysis/scoring/kept.py); the others are scored ``settings.workers`` at a time in worker
+processes (analysis/scoring/trials.py).
+
 Comparisons across the study (effects, correlations) use only configurations whose seeds all
 completed (analysis/stats/survival.py); every completed trial is still scored and listed.
 """
