@@ -293,7 +293,8 @@ def _score_trials(
 ) -> _Scored:
     """Every trial's scores: read back where its run keeps them for these settings, the others
     computed (``settings.workers`` at a time) and kept with their runs as each one finishes."""
-    jobs = [ScoringJob(t, molecules.loc[t.embeddings.smiles.tolist()]["nsps"].to_numpy(dtype=np.float64)) for t in trials]
+    own = [molecules.loc[t.embeddings.smiles.tolist()].reset_index(drop=True) for t in trials]  # each trial's test molecules
+    jobs = [ScoringJob(t, table["nsps"].to_numpy(dtype=np.float64)) for t, table in zip(trials, own)]
     scores: dict[int, TrialScores] = {}
     kept = KeptScores(store.client(tracking_uri), score_key(settings.scores, settings.knockout)) if settings.reuse_scores else None
     changed: list[str] = []
@@ -338,8 +339,7 @@ def _score_trials(
                 if score in values:
                     scored.score_rows.append({"run_id": trial.run_id, "block": block, "score": score, "value": values[score]})
         abs_error = np.abs(trial.embeddings.prediction - trial.embeddings.target) * 1000.0
-        own = molecules.loc[trial.embeddings.smiles.tolist()]
-        per_descriptor = molecule_correlations(abs_error, own.reset_index(drop=True))
+        per_descriptor = molecule_correlations(abs_error, own[index])
         per_descriptor.insert(0, "run_id", trial.run_id)
         per_descriptor.insert(1, "label", trial.label)
         scored.within.append(per_descriptor)

@@ -48,12 +48,16 @@ def _slices_zeroed(tensor: torch.Tensor, members: Sequence[IrrepBlock]) -> torch
     return tensor
 
 
-@contextmanager
-def zeroed(model: IrrepConvModel, members: Sequence[IrrepBlock], where: str) -> Iterator[None]:
-    """Within the block, ``model`` runs with the ``members`` slices zeroed (``where`` = all | last)."""
+def _check_structure(model) -> None:
     for name in ("input_block", "blocks", "readout"):
         if not hasattr(model, name):
             raise KnockoutError(f"model {type(model).__name__} has no {name!r}; knockouts need the reference structure")
+
+
+@contextmanager
+def zeroed(model: IrrepConvModel, members: Sequence[IrrepBlock], where: str) -> Iterator[None]:
+    """Within the block, ``model`` runs with the ``members`` slices zeroed (``where`` = all | last)."""
+    _check_structure(model)
     handles = []
     try:
         if where == "all":
@@ -124,9 +128,7 @@ def knockout_predictions(
     for every ``last`` knockout (which only re-runs the readout). On the ablation's [0,1,2,3] x 16,
     3-layer models that is 29 block evaluations per batch instead of 65.
     """
-    for name in ("input_block", "blocks", "readout"):
-        if not hasattr(model, name):
-            raise KnockoutError(f"model {type(model).__name__} has no {name!r}; knockouts need the reference structure")
+    _check_structure(model)
     model.eval()
     device = next(model.parameters()).device
     baseline: list[torch.Tensor] = []
