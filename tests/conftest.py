@@ -46,6 +46,40 @@ def run_cli(qm9, qm9_cache_dir, tmp_path):
     return run
 
 
+@pytest.fixture
+def run_cli_in_process(qm9, qm9_cache_dir, tmp_path, capsys):
+    """Run `irrep-study` as `main()` in this process, in a temp working folder: what `run_cli` does,
+    without the subprocess's 5 s of imports. For commands that refuse before starting anything (no
+    Ray, no server): the environment, the working folder, torch's thread count and the global
+    options are restored afterwards."""
+    import torch
+
+    from study.cli import main
+    from study.cli.app import OPTIONS
+
+    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        saved_env, saved_threads = dict(os.environ), torch.get_num_threads()
+        capsys.readouterr()  # what came before is not this command's output
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path)
+            patch.setattr(sys, "argv", ["irrep-study", *args])
+            os.environ.update({"IRREP_STUDY_CACHE": str(qm9_cache_dir), **(env or {})})
+            try:
+                main()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved_env)
+                torch.set_num_threads(saved_threads)
+                OPTIONS.debug = OPTIONS.verbose = False
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["irrep-study", *args], code, out.out, out.err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def logged_study(qm9, tmp_path_factory):
     """Tiny real trials (and two that never finished) logged to a real SQLite MLflow store as one sweep."""
