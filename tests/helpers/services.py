@@ -31,9 +31,35 @@ def wait_until(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def start_sweep(space_file, cwd, cache_dir, *extra, env: dict | None = None) -> subprocess.Popen:
+_EMPTY_STORE: list[Path] = []  # the template, once this process has made it
+
+
+def empty_mlflow_store(path: Path) -> None:
+    """Put an empty MLflow SQLite store (its tables created) at `path`, unless a file is there.
+
+    A new store costs MLflow about 7 s of schema migrations, paid by every sweep or server that
+    starts from nothing; the template is made once per test session and copied. Tests of what
+    happens where no store exists yet (the bad-input table, `best` of a study never tracked) do not
+    use it."""
+    path = Path(path)
+    if path.exists():
+        return
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+        _EMPTY_STORE.append(template)
+    shutil.copyfile(_EMPTY_STORE[0], path)
+
+
+def start_sweep(space_file, cwd, cache_dir, *extra, env: dict | None = None, premade_store: bool = True) -> subprocess.Popen:
     """`irrep-study sweep SPACE --json` in the background (stderr to cwd/sweep.log), in its own
-    process group: killing the group takes the local Ray it started with it."""
+    process group: killing the group takes the local Ray it started with it. Without
+    `--tracking-uri` it tracks to cwd/mlflow.db: an empty store made beforehand if none is there,
+    unless `premade_store` is false (the sweep then creates it, as on a user's first sweep)."""
+    if premade_store and "--tracking-uri" not in extra:
+        empty_mlflow_store(Path(cwd) / "mlflow.db")
     env = {**os.environ, "IRREP_STUDY_CACHE": str(cache_dir), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "study.cli", "sweep", str(space_file), "--num-cpus", "1", "--json", *extra],
@@ -164,6 +190,7 @@ class MlflowServer:
         self.start()
 
     def start(self) -> None:
+        empty_mlflow_store(self.root / "mlflow.db")  # its tables made once per session, not per server
         self.log = open(self.root / "server.log", "a")
         self.process = subprocess.Popen(
             [

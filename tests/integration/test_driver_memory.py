@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from study.tracking.store import ROLE_TAG
+from tests.helpers.services import empty_mlflow_store
 
 TRIALS = 200
 
@@ -40,6 +41,7 @@ def test_driver_memory_stays_flat_over_200_short_trials(qm9, qm9_cache_dir, tmp_
             }
         )
     )
+    empty_mlflow_store(tmp_path / "mlflow.db")  # tracked here (the default); MLflow's tables made once per session
     env = {**os.environ, "IRREP_STUDY_CACHE": str(qm9_cache_dir)}
     # stdout to a file, not a pipe: the JSON of 200 trials outgrows a pipe's buffer, and the driver
     # would block writing it while this loop only polls.

@@ -12,7 +12,7 @@ import yaml
 
 from study.tracking.store import PARENT_TAG, ROLE_TAG, STATUS_TAG
 from study.training.embeddings import load_embeddings
-from tests.helpers.services import RayCluster
+from tests.helpers.services import RayCluster, empty_mlflow_store
 
 pytestmark = pytest.mark.slow  # real sweeps on Ray clusters
 
@@ -181,6 +181,7 @@ def test_grid_with_seeds_and_asha_on_a_local_ray(run_cli, tmp_path):
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         resources={"cpus_per_trial": 1, "max_concurrent": 1},
     )
+    empty_mlflow_store(tmp_path / "mlflow.db")  # tracked here (the default); MLflow's tables made once per session
     result = run_cli("sweep", str(space), "--num-cpus", "1", "--json", check_exit=0)
     report = json.loads(result.stdout)
     trials = report["trials"]
@@ -261,6 +262,7 @@ def test_seeds_of_a_configuration_continue_or_stop_together(run_cli, tmp_path):
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         resources={"cpus_per_trial": 1, "max_concurrent": 2},
     )
+    empty_mlflow_store(tmp_path / "mlflow.db")
     report = json.loads(run_cli("sweep", str(space), "--num-cpus", "1", "--json", check_exit=0).stdout)
     assert len(report["trials"]) == 6
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from study.errors import UserError
-from tests.helpers.services import free_port
+from tests.helpers.services import empty_mlflow_store, free_port
 
 GOOD_TRIAL = {"l_values": [0, 1], "hidden_dim": 4, "num_layers": 1, "subset": 300, "epochs": 1}
 GOOD_SPACE = {
@@ -43,9 +43,7 @@ def raw_file(folder: Path, text: str) -> str:
 def with_tracking_store(folder: Path, *args: str) -> list[str]:
     """`args`, run where an MLflow store already exists: `folder`/mlflow.db (the commands'
     default), holding only MLflow's Default experiment."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    empty_mlflow_store(folder / "mlflow.db")
     return list(args)
 
 

@@ -32,7 +32,7 @@ BASELINE = 900.0
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("best")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = tracking_store(root)
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("picks", artifact_location=(root / "artifacts").resolve().as_uri())
     parent = client.create_run(experiment_id, run_name="sweep", tags={"irrep_study.role": "sweep"}).info.run_id

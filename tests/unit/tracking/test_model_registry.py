@@ -25,6 +25,7 @@ from tests.helpers.mlflow_trials import (
     TINY,
     one_torch_thread,
     predictions_of_best_model_pt,
+    tracking_store,
 )
 
 EXPERIMENT = "registry"
@@ -70,7 +71,7 @@ def log_like_a_sweep_trial(uri: str, experiment_id: str, parent: str, config: Tr
 @pytest.fixture(scope="module")
 def logged(qm9, tmp_path_factory) -> Logged:
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = tracking_store(root)
     study = Logged(uri, *sweep_parent(uri, EXPERIMENT))
     for seed in SEEDS:
         config = TrialConfig(**CONFIG, seed=seed)

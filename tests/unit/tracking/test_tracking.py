@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from study.tracking import journal, store
+from tests.helpers.mlflow_trials import tracking_store
 from tests.helpers.services import FlakyProxy
 
 
@@ -135,7 +136,7 @@ def test_the_sweep_parent_run_holds_its_search_space_and_source_tags(tmp_path):
 
     from study.config.space import SearchSpace
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_store(tmp_path)
     experiment_id = store.ensure_experiment(uri, "parent-run")
     space = _small_space()
     parent = store.start_sweep_run(uri, experiment_id, "parent-1", space.summary_params(), space=space.model_dump(mode="json"))
@@ -187,7 +188,7 @@ def _complete(callback, trials: list, trial_id: str, status: str, best_val=None,
 def test_the_parent_run_charts_the_best_trial_so_far_and_a_resume_goes_on_counting(tmp_path):
     from study.sweep.callbacks import TrackTrialEnds
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_store(tmp_path)
     experiment_id = store.ensure_experiment(uri, "best-so-far")
     parent = store.start_sweep_run(uri, experiment_id, "sweep", {})
     callback = TrackTrialEnds(uri, str(tmp_path / "journal"), parent)
@@ -236,7 +237,7 @@ def test_a_finished_sweep_ends_the_trial_runs_its_killed_driver_left_running_and
     stays RUNNING; once the resumed sweep has finished, it is ended as interrupted, with the reason,
     and the parent run as completed. Runs of the sweep already ended and runs of another sweep stay
     as they are."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_store(tmp_path)
     experiment_id = store.ensure_experiment(uri, "orphans")
     client = store.client(uri)
 
