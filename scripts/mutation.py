@@ -45,9 +45,29 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/unit/tracking/test_journal_mutants.py",
         ],
     ),
+    # Not test_space.py's CLI test nor test_config_properties.py's: they run `irrep-study` in a
+    # subprocess, which imports the editable install, not ./mutants/, so they kill no mutant (about
+    # 16 s each). Nor test_config_properties.py's hypothesis tests (200 examples each, measured on
+    # 2 shared cores: the search space one 4.9 s, the file content one 1.7 s, for every mutant they
+    # reach); they run in the normal suite.
     "space": (
         "study/config/space.py",
-        ["tests/unit/config/test_space.py", "tests/unit/config/test_config_properties.py", "tests/unit/config/test_space_mutants.py"],
+        [
+            *(
+                f"tests/unit/config/test_space.py::{test}"
+                for test in (
+                    "test_shipped_spaces_validate",
+                    "test_every_shipped_space_is_tested",
+                    "test_the_pruning_space_is_the_papers_contrast_as_a_2x2_factorial",
+                    "test_bad_spaces_fail_in_one_line_naming_file_and_field",
+                    "test_a_grid_may_not_vary_a_bookkeeping_field",
+                    "test_grid_without_entries_and_missing_search",
+                    "test_optuna_space_keeps_0_and_makes_l_flags_conditional_on_lmax",
+                    "test_credentials_never_leave_the_uri",
+                )
+            ),
+            "tests/unit/config/test_space_mutants.py",
+        ],
     ),
     "ablation": (
         "analysis/stats/ablation.py",
@@ -57,9 +77,27 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "analysis/stats/correlate.py",
         ["tests/unit/analysis/stats/test_analysis_correlate.py", "tests/unit/analysis/stats/test_correlate_mutants.py"],
     ),
+    # Not test_config.py's two CLI tests nor test_config_properties.py's: they run `irrep-study` in
+    # a subprocess, which imports the editable install, not ./mutants/, so they kill no mutant (about
+    # 16 s each). Nor test_config_properties.py's hypothesis tests (200 examples each, measured on
+    # 2 shared cores: the trial config one 6.6 s, the search space one 4.9 s, the file content one
+    # 1.7 s, the override one 0.7 s, for every mutant they reach); they run in the normal suite.
     "trial": (
         "study/config/trial.py",
-        ["tests/unit/config/test_config.py", "tests/unit/config/test_config_properties.py", "tests/unit/config/test_trial_mutants.py"],
+        [
+            *(
+                f"tests/unit/config/test_config.py::{test}"
+                for test in (
+                    "test_defaults_are_the_reference_setup",
+                    "test_yaml_and_overrides",
+                    "test_flat_params_and_yaml_round_trip",
+                    "test_bad_input_names_file_and_field",
+                    "test_bad_override_is_named_as_such",
+                    "test_malformed_and_missing_files",
+                )
+            ),
+            "tests/unit/config/test_trial_mutants.py",
+        ],
     ),
 }
 

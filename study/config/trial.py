@@ -246,5 +246,7 @@ def load_trial_config(path: Path | None, overrides: list[str] | None = None) -> 
         return TrialConfig.model_validate(data)
     except ValidationError as exc:
         field, message = _first_error(exc)
-        origin = "--set" if field.split(".")[0] in override_values else source
+        # The key itself, not `field` (dotted, unprintable keys quoted): `--set a.b=1` is not the file's.
+        loc = exc.errors()[0]["loc"]
+        origin = "--set" if loc and loc[0] in override_values else source
         raise ConfigError(f"{origin}: {field}: {message}") from None
