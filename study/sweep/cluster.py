@@ -23,12 +23,17 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
     try:
         if address is None:
-            ray.init(num_cpus=num_cpus, **kwargs)
+            # "local": a Ray of this process's own. Without an address, ray.init first looks for a
+            # Ray someone started on this machine (`ray start`, RAY_ADDRESS) and joins it, or, with
+            # num_cpus given, refuses to start at all.
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
         else:
             kwargs.pop("include_dashboard")
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if address is None:
+            raise UserError(f"cannot start a local Ray ({reason})") from None
         raise UserError(f"--address {address}: cannot connect to the Ray cluster ({reason})") from None
 
 

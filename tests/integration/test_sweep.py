@@ -306,3 +306,33 @@ def test_seeds_of_a_configuration_continue_or_stop_together(run_cli, tmp_path):
     # The front is what Optuna says it is: no trial of the study is better on both objectives.
     for chosen in front:
         assert not any(t.values[0] < chosen.values[0] and t.values[1] < chosen.values[1] for t in study.trials)
+
+
+def test_a_local_sweep_starts_its_own_ray_beside_one_started_with_ray_start(run_cli, tmp_path):
+    """Without --address a sweep starts a Ray of its own, as its help says, even where someone ran
+    `ray start --head` on the machine (ray.init without an address joins that one, and refuses
+    when given --num-cpus). Last in this module: stopping that Ray stops every Ray here."""
+    import subprocess
+
+    from tests.helpers.services import BIN
+
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--include-dashboard", "false"],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    try:
+        space = write_space(
+            tmp_path / "local.yaml",
+            name="beside-ray-start",
+            trial={**TINY_TRIAL, "epochs": 1},
+            search={"method": "grid", "grid": [{"l_values": [0, 1]}]},
+            scheduler={"type": "none"},
+        )
+        empty_mlflow_store(tmp_path / "mlflow.db")
+        result = run_cli("sweep", str(space), "--num-cpus", "1", "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert [t["status"] for t in json.loads(result.stdout)["trials"]] == ["completed"]
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
