@@ -64,7 +64,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def umap_figure(title: str, projections: dict[str, np.ndarray], nsps: np.ndarray, abs_error_meV: np.ndarray, path: Path) -> Path:
-    """One row per block: its 2D UMAP coloured by nSPS (left) and by absolute error (right)."""
+    """One row per block: its 2D UMAP coloured by nSPS (left) and by absolute error (right).
+
+    Every row shows the same molecules, so a column has one colour scale and one colour bar: a
+    colour means the same nSPS (or error) in every block. (A colour bar per panel, each with its
+    own log ticks, also made the figure take twice as long to draw.)"""
     names = list(projections)
     # Constrained layout reserves room for the suptitle above the panel titles (tight_layout let a
     # long one run into them and past the figure's edges); the title, a trial label with its run
@@ -72,23 +76,23 @@ def umap_figure(title: str, projections: dict[str, np.ndarray], nsps: np.ndarray
     fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.2 * len(names)), squeeze=False, layout="constrained")
     # Errors are heavy-tailed: a log colour scale keeps the many small errors distinguishable.
     error = np.maximum(np.asarray(abs_error_meV, dtype=np.float64), 1e-3)
-    for row, name in enumerate(names):
-        xy = projections[name]
-        for col, (values, label, kwargs) in enumerate(
-            [
-                (nsps, "nSPS", {"cmap": "viridis"}),
-                (error, "|error| (meV)", {"cmap": "magma", "norm": matplotlib.colors.LogNorm()}),
-            ]
-        ):
+    columns = [
+        (np.asarray(nsps, dtype=np.float64), "nSPS", "viridis", matplotlib.colors.Normalize),
+        (error, "|error| (meV)", "magma", matplotlib.colors.LogNorm),
+    ]
+    for col, (values, label, cmap, norm_type) in enumerate(columns):
+        finite = np.isfinite(values)
+        norm = norm_type(vmin=values[finite].min(), vmax=values[finite].max()) if finite.any() else norm_type()
+        for row, name in enumerate(names):
+            xy = projections[name]
             ax = axes[row, col]
-            finite = np.isfinite(values)
             if (~finite).any():
                 ax.scatter(xy[~finite, 0], xy[~finite, 1], s=6, c="lightgrey", linewidths=0)
-            points = ax.scatter(xy[finite, 0], xy[finite, 1], c=values[finite], s=6, linewidths=0, **kwargs)
-            fig.colorbar(points, ax=ax, label=label)
+            points = ax.scatter(xy[finite, 0], xy[finite, 1], c=values[finite], s=6, linewidths=0, cmap=cmap, norm=norm)
             ax.set_title(f"{name}: {label}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
+        fig.colorbar(points, ax=axes[:, col], label=label, shrink=min(1.0, 3.0 / len(names)))
     fig.suptitle(textwrap.fill(title, UMAP_TITLE_WIDTH), fontsize=10)
     return _save(fig, path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
@@ -147,6 +148,31 @@ def test_umap_titles_do_not_overlap_and_fit_the_figure(drawn, tmp_path):
     assert clashes == []
     # The whole title on the figure: not cut at its edges.
     assert fig.bbox.contains(boxes[0].x0, boxes[0].y0) and fig.bbox.contains(boxes[0].x1, boxes[0].y1)
+
+
+def test_a_umap_column_has_one_colour_scale_for_every_block(drawn, tmp_path):
+    """Every row shows the same molecules: in each column a colour means the same value in every
+    block, on one colour bar spanning the finite values (a molecule without nSPS is grey)."""
+    rng = np.random.default_rng(1)
+    blocks = ["l0", "l1", "lgt0"]
+    nsps = rng.normal(size=40)
+    nsps[3] = np.nan
+    error = rng.uniform(0.5, 300.0, size=40)
+    plots.umap_figure("t", {b: rng.normal(size=(40, 2)) for b in blocks}, nsps, error, tmp_path / "umap.png")
+    fig = drawn[0]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    colour_bars = [ax for ax in fig.axes if not ax.get_title()]
+    assert len(panels) == 2 * len(blocks) and len(colour_bars) == 2
+    assert sorted(ax.get_ylabel() for ax in colour_bars) == ["nSPS", "|error| (meV)"]
+    for column, (values, log) in enumerate([(nsps, False), (error, True)]):
+        coloured = [c for ax in panels[column::2] for c in ax.collections if c.get_array() is not None]
+        assert len(coloured) == len(blocks)
+        for collection in coloured:
+            norm = collection.norm
+            assert isinstance(norm, matplotlib.colors.LogNorm) == log
+            assert (norm.vmin, norm.vmax) == (np.nanmin(values), np.nanmax(values))
+    greys = [c for ax in panels[0::2] for c in ax.collections if c.get_array() is None]
+    assert [len(c.get_offsets()) for c in greys] == [1] * len(blocks)
 
 
 def _trial_table() -> pd.DataFrame:
