@@ -57,7 +57,7 @@ def run_cli_in_process(qm9, qm9_cache_dir, tmp_path, capsys):
     from study.cli import main
     from study.cli.app import OPTIONS
 
-    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(*args: str, check_exit: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         saved_env, saved_threads = dict(os.environ), torch.get_num_threads()
         capsys.readouterr()  # what came before is not this command's output
         with pytest.MonkeyPatch.context() as patch:
@@ -75,6 +75,8 @@ def run_cli_in_process(qm9, qm9_cache_dir, tmp_path, capsys):
                 torch.set_num_threads(saved_threads)
                 OPTIONS.debug = OPTIONS.verbose = False
         out = capsys.readouterr()
+        if check_exit is not None:
+            assert code == check_exit, out.err
         return subprocess.CompletedProcess(["irrep-study", *args], code, out.out, out.err)
 
     return run

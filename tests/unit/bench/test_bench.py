@@ -26,8 +26,8 @@ from study.nn.model import IrrepConvModel
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_quick_bench_reports_every_backend(run_cli):
-    result = run_cli("bench", "--quick", "--json", check_exit=0)
+def test_quick_bench_reports_every_backend(run_cli_in_process):
+    result = run_cli_in_process("bench", "--quick", "--json", check_exit=0)
     report = json.loads(result.stdout)  # stdout holds the JSON document only; logs went to stderr
     assert "data loading" in result.stderr
     assert report["format"] == 2
@@ -67,13 +67,13 @@ def test_quick_bench_reports_every_backend(run_cli):
     bonds, radius = report["configs"]
     assert radius["mean_edges_per_batch"] > 2 * bonds["mean_edges_per_batch"]
     # The table names the third column.
-    table = run_cli("bench", "--quick", check_exit=0).stdout
+    table = run_cli_in_process("bench", "--quick", check_exit=0).stdout
     assert "cueq mol/s" in table and "fast/e3nn" in table
     assert "cuEquivariance: pytorch fallback (method naive)" in table or report["device"] != "cpu"
 
 
-def test_lmax_sweep_fits_the_growth_of_its_own_timings(run_cli):
-    result = run_cli(
+def test_lmax_sweep_fits_the_growth_of_its_own_timings(run_cli_in_process):
+    result = run_cli_in_process(
         "bench", "--lmax-sweep", "3", "--num-layers", "0", "--repeats", "1", "--warmup", "0", "--batch-size", "4", "--json", check_exit=0
     )
     report = json.loads(result.stdout)
@@ -94,7 +94,7 @@ def test_growth_exponent_recovers_a_power_law():
     assert growth_exponent(sizes, [0.3 * s**2.5 for s in sizes]) == pytest.approx(2.5)
 
 
-def test_study_bench_runs_a_shrunk_space_once_per_backend(run_cli, tmp_path):
+def test_study_bench_runs_a_shrunk_space_once_per_backend(run_cli_in_process, tmp_path):
     space = {
         "name": "tiny",
         "trial": {"hidden_dim": 2, "num_layers": 0, "subset": 200, "epochs": 3, "batch_size": 32},
@@ -103,7 +103,7 @@ def test_study_bench_runs_a_shrunk_space_once_per_backend(run_cli, tmp_path):
         "scheduler": {"type": "none"},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
-    result = run_cli("bench", "--study", "tiny.yaml", "--shrink", "2x1x1", "--json", check_exit=0)
+    result = run_cli_in_process("bench", "--study", "tiny.yaml", "--shrink", "2x1x1", "--json", check_exit=0)
     report = json.loads(result.stdout)
     assert report["study"] == "tiny" and report["shrink"] == "2x1x1" and report["subset"] == 200
     # Evenly spaced grid entries (the first and the last), the first seed.
@@ -135,8 +135,8 @@ def test_parse_shrink_rejects(spec):
         parse_shrink(spec)
 
 
-def test_bench_rejects_bad_configs(run_cli):
-    result = run_cli("bench", "--configs", "1,2x8", check_exit=2)
+def test_bench_rejects_bad_configs(run_cli_in_process):
+    result = run_cli_in_process("bench", "--configs", "1,2x8", check_exit=2)
     assert "--configs 1,2x8" in result.stderr and "must include 0" in result.stderr
     assert "Traceback" not in result.stderr
 

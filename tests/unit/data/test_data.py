@@ -263,15 +263,15 @@ def test_missing_source_is_a_clear_error(tmp_path):
         load_qm9(tmp_path / "cache", log=lambda m: None, source_dir=tmp_path)
 
 
-def test_cli_data_json_reports_molecules_and_target_statistics(run_cli):
-    result = run_cli("data", "--subset", "300", "--edges", "radius", "--cutoff", "4", "--json", check_exit=0)
+def test_cli_data_json_reports_molecules_and_target_statistics(run_cli_in_process):
+    result = run_cli_in_process("data", "--subset", "300", "--edges", "radius", "--cutoff", "4", "--json", check_exit=0)
     report = json.loads(result.stdout)
     assert report["molecules"] == 300
     assert report["edges"]["kind"] == "radius" and report["edges"]["mean_degree"] > 0
     assert report["target"]["name"] == "U0_atom" and report["target"]["count"] == 300
     assert -120 < report["target"]["mean"] < -10
 
-    bad = run_cli("data", "--target", "energy")
+    bad = run_cli_in_process("data", "--target", "energy")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--target" in bad.stderr
 

@@ -83,9 +83,9 @@ def tiny_space(tmp_path, search: dict) -> str:
     return str(path)
 
 
-def test_plan_of_a_grid_counts_every_trial_and_adds_up(run_cli, tmp_path):
+def test_plan_of_a_grid_counts_every_trial_and_adds_up(run_cli_in_process, tmp_path):
     path = tiny_space(tmp_path, {"method": "grid", "grid": [{"l_values": [0]}, {"l_values": [0, 1, 2], "hidden_dim": 4}]})
-    report = json.loads(run_cli("plan", path, "--steps", "2", "--json", check_exit=0).stdout)
+    report = json.loads(run_cli_in_process("plan", path, "--steps", "2", "--json", check_exit=0).stdout)
     assert report["trials"] == 6 and report["configurations"] == 2 and report["seeds"] == 3
     assert [row["label"] for row in report["rows"]] == ["grid[0]", "grid[1]"]
     small, large = report["rows"]
@@ -98,11 +98,11 @@ def test_plan_of_a_grid_counts_every_trial_and_adds_up(run_cli, tmp_path):
     assert low == high == pytest.approx(3 * (small["trial_seconds"] + large["trial_seconds"]))
     assert report["wall_seconds"][0] == pytest.approx(low / 2)
     assert report["peak_memory_bytes"] == 2 * large["memory_bytes"]
-    text = run_cli("plan", path, "--steps", "1", check_exit=0).stdout
+    text = run_cli_in_process("plan", path, "--steps", "1", check_exit=0).stdout
     assert "6 trials" in text and "memory/trial" in text and "planned in" in text
 
 
-def test_plan_of_an_optuna_space_gives_its_smallest_and_largest(run_cli, tmp_path):
+def test_plan_of_an_optuna_space_gives_its_smallest_and_largest(run_cli_in_process, tmp_path):
     path = tiny_space(
         tmp_path,
         {
@@ -111,7 +111,7 @@ def test_plan_of_an_optuna_space_gives_its_smallest_and_largest(run_cli, tmp_pat
             "params": {"l_values": {"subsets_of": [0, 1, 2]}, "hidden_dim": {"choice": [2, 6]}, "lr": {"loguniform": [1e-3, 1e-2]}},
         },
     )
-    report = json.loads(run_cli("plan", path, "--steps", "1", "--json", check_exit=0).stdout)
+    report = json.loads(run_cli_in_process("plan", path, "--steps", "1", "--json", check_exit=0).stdout)
     assert report["trials"] == 12
     smallest, largest = report["rows"]
     assert (smallest["label"], smallest["l_values"], smallest["hidden_dim"]) == ("smallest", [0], 2)
