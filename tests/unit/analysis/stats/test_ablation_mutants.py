@@ -139,6 +139,13 @@ def test_paired_effect_of_another_metric_differences_that_metric():
     assert row["effect_meV"] == pytest.approx(2 * np.mean([11.0, 13.0 / 3.0]))
     table = ablation_effects(doubled, ["hidden_dim"], metric="val_mae").set_index("method")
     assert table.loc["unpaired", "effect_meV"] == pytest.approx(2 * (104.0 - (101.0 + 275.0 / 3.0) / 2))
+    assert table.loc["paired", "effect_meV"] == pytest.approx(row["effect_meV"])
+    # The regression too: twice the metric, twice the coefficient.
+    study = regression_study()
+    on_test = ablation_effects(study, ["hidden_dim"]).set_index(["l", "method"])
+    on_val = ablation_effects(study.assign(val_mae=2 * study["test_mae_meV"], test_mae_meV=0.0), ["hidden_dim"], metric="val_mae")
+    on_val = on_val.set_index(["l", "method"])
+    assert on_val.loc[(1, "regression"), "effect_meV"] == pytest.approx(2 * on_test.loc[(1, "regression"), "effect_meV"])
 
 
 def test_paired_effect_without_pairs_says_so():
@@ -179,6 +186,25 @@ def test_unpaired_effect_with_unequal_groups_uses_welchs_degrees_of_freedom():
     )
     row = unpaired_effect(trials, 1)
     assert (row["effect_meV"], row["lo_meV"], row["hi_meV"]) == pytest.approx(welch_by_hand([10.0, 30.0, 14.0], [1.0, 4.0]))
+    # In other units (a standard error below 1) the interval scales with them.
+    scaled = unpaired_effect(trials.assign(test_mae_meV=trials["test_mae_meV"] / 100), 1)
+    assert (scaled["effect_meV"], scaled["lo_meV"], scaled["hi_meV"]) == pytest.approx(
+        tuple(v / 100 for v in welch_by_hand([10.0, 30.0, 14.0], [1.0, 4.0]))
+    )
+
+
+def test_unpaired_effect_with_more_configurations_without_the_order():
+    trials = trials_table(
+        [
+            ("a", "0", "8", "1", 1.0),
+            ("b", "0", "8", "1", 4.0),
+            ("c", "0", "8", "1", 9.0),
+            ("d", "0,1", "8", "1", 10.0),
+            ("e", "0,1", "8", "1", 30.0),
+        ]
+    )
+    row = unpaired_effect(trials, 1)
+    assert (row["effect_meV"], row["lo_meV"], row["hi_meV"]) == pytest.approx(welch_by_hand([10.0, 30.0], [1.0, 4.0, 9.0]))
 
 
 def test_unpaired_effect_of_identical_configurations_has_a_zero_width_interval():
@@ -209,7 +235,7 @@ def test_regression_design_codes_indicators_logs_wide_positive_numbers_and_categ
             "depth": [2] * 8,  # constant: no column
         }
     )
-    design, sources = regression_design(configurations, [1, 2], ["lr", "shift", "hidden_dim", "depth"])
+    design, sources = regression_design(configurations, [1, 2], ["depth", "lr", "shift", "hidden_dim"])
     assert list(design.columns) == ["const", "l1", "l2", "log10 lr", "shift", "hidden_dim=32", "hidden_dim=8"]
     assert list(design["const"]) == [1.0] * 8
     assert list(design["l1"]) == [0, 1, 0, 1, 0, 1, 0, 0] and list(design["l2"]) == [0, 0, 1, 1, 0, 0, 1, 0]
@@ -217,6 +243,33 @@ def test_regression_design_codes_indicators_logs_wide_positive_numbers_and_categ
     assert list(design["shift"]) == list(configurations["shift"])
     assert list(design["hidden_dim=8"]) == [1, 0, 0, 1, 0, 0, 0, 0] and list(design["hidden_dim=32"]) == [0, 0, 1, 0, 0, 1, 0, 0]
     assert sources == {"log10 lr": "lr", "shift": "shift", "hidden_dim=32": "hidden_dim", "hidden_dim=8": "hidden_dim"}
+
+
+def test_regression_design_takes_text_as_categories_and_a_number_with_zeros_as_it_is():
+    configurations = pd.DataFrame(
+        {
+            "l_values": ["0", "0,1"] * 5,
+            "act": ["8", "9", "10", "11", "12"] * 2,  # text, 5 levels: categories even if it reads as numbers
+            "weight_decay": [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 0.0, 1e-4, 1e-3, 1e-2, 1e-1],  # has 0: no log
+        }
+    )
+    design, sources = regression_design(configurations, [1], ["act"])
+    assert list(design.columns) == ["const", "l1", "act=11", "act=12", "act=8", "act=9"]
+    design, sources = regression_design(configurations, [1], ["weight_decay"])
+    assert list(design.columns) == ["const", "l1", "weight_decay"] and sources == {"weight_decay": "weight_decay"}
+    assert list(design["weight_decay"]) == list(configurations["weight_decay"])
+
+
+def test_regression_design_takes_levels_of_mixed_types_and_keeps_the_trials_index():
+    # A parameter logged as a number in some trials and as text in others has categories all the same.
+    configurations = pd.DataFrame(
+        {"l_values": ["0", "0,1", "0", "0,1", "0"], "norm": [8, "auto", "auto", 8, 8]}, index=[10, 11, 12, 13, 14]
+    )
+    design, sources = regression_design(configurations, [1], ["norm"])
+    assert list(design.columns) == ["const", "l1", "norm=auto"] and sources == {"norm=auto": "norm"}
+    assert list(design["norm=auto"]) == [0, 1, 1, 0, 0]
+    # The design's rows line up with the trials' by index.
+    assert list(design.index) == [10, 11, 12, 13, 14]
 
 
 def test_regression_design_takes_a_numeric_parameter_of_few_levels_as_categories():
@@ -302,17 +355,33 @@ def test_regression_refuses_to_fit_without_two_residual_degrees_of_freedom():
 
 
 def test_an_order_aliased_with_another_is_not_identifiable():
-    # l=1 and l=2 always come together: one indicator is kept, the other is said to be aliased.
+    # l=1 and l=2 always come together: l=2's indicator is dropped and said to be aliased; l=3,
+    # after it, is estimated all the same.
+    cells = [("0", "8"), ("0,1,2", "8"), ("0", "16"), ("0,1,2", "16"), ("0,3", "16"), ("0,1,2,3", "8"), ("0,3", "8")]
     rows = []
-    for k, (ls, h, m) in enumerate(
-        [("0", "8", 10.0), ("0,1,2", "8", 14.0), ("0", "16", 11.0), ("0,1,2", "16", 16.0), ("0", "16", 9.0), ("0,1,2", "8", 13.0)]
-    ):
-        rows += [(f"c{k}", ls, h, "1", m), (f"c{k}", ls, h, "2", m + 1.0 + k)]
+    for k, (ls, h) in enumerate(cells):
+        m = 10.0 + 4.0 * ("1" in ls) + 2.0 * ("3" in ls) + (h == "16")
+        rows += [(f"c{k}", ls, h, "1", m - 0.3 * k), (f"c{k}", ls, h, "2", m + 0.5 * k)]
     trials = trials_table(rows)
     out = {row["l"]: row for row in regression_effects(trials, ["hidden_dim"])}
-    assert math.isfinite(out[1]["effect_meV"])
-    assert math.isnan(out[2]["effect_meV"]) and math.isnan(out[2]["lo_meV"]) and out[2]["interval"] == ""
-    assert out[2]["note"] == "not identifiable: aliased with other parameters"
+    assert set(out) == {1, 2, 3}
+    assert math.isfinite(out[1]["effect_meV"]) and math.isfinite(out[3]["lo_meV"])
+    assert math.isnan(out[2]["effect_meV"]) and math.isnan(out[2]["lo_meV"]) and math.isnan(out[2]["hi_meV"])
+    assert out[2]["interval"] == "" and out[2]["note"] == "not identifiable: aliased with other parameters"
+    assert out[2]["method"] == "regression" and out[2]["n_configurations"] == 7
+
+
+def test_an_order_in_a_single_trial_is_still_estimated():
+    trials = regression_study()
+    trials = trials[trials["seed"] == "1"].copy()
+    trials.loc[trials["configuration"] == "c3", "l_values"] = "0,1"  # l=2 is left in c2's one trial only
+    rows = {row["l"]: row for row in regression_effects(trials, ["hidden_dim"])}
+    assert set(rows) == {1, 2} and math.isfinite(rows[2]["effect_meV"])
+    table = ablation_effects(trials, ["hidden_dim"])
+    assert list(zip(table["l"], table["method"])) == [(l, m) for l in (1, 2) for m in ("paired", "regression", "unpaired")]
+    assert table.set_index(["l", "method"]).loc[(2, "unpaired"), "effect_meV"] == pytest.approx(
+        trials.loc[trials["l_values"] == "0,2", "test_mae_meV"].mean() - trials.loc[trials["l_values"] != "0,2", "test_mae_meV"].mean()
+    )
 
 
 def test_regression_has_no_rows_when_no_order_varies():
@@ -346,6 +415,10 @@ def test_trials_without_a_finite_metric_are_left_out():
     table = ablation_effects(broken, ["hidden_dim"])
     clean = ablation_effects(TWO_PAIRS, ["hidden_dim"])
     pd.testing.assert_frame_equal(table, clean)
+    # Also from a column of objects where a missing trial is None (as a JSON table reads back).
+    missing = broken.astype({"test_mae_meV": object})
+    missing.loc[len(missing) - 1, "test_mae_meV"] = None
+    pd.testing.assert_frame_equal(ablation_effects(missing, ["hidden_dim"]), clean, check_dtype=False)
 
 
 def factorial_trials() -> pd.DataFrame:
@@ -377,6 +450,27 @@ def test_a_factorial_study_takes_the_per_molecule_errors_into_its_intervals():
     # The headline is the factorial's, and says its intervals carry the test molecules.
     assert "from the seed residual plus the sampling of the test molecules" in headline(with_molecules)[0]
     assert "conditional on this test set" in headline(conditional)[0]
+
+
+def test_a_two_factor_study_reports_each_main_effect_as_the_average_of_its_simple_effects():
+    cells = {"0": 100.0, "0,1": 112.0, "0,2": 95.0, "0,1,2": 101.0}
+    rows = [(ls, ls, "8", str(s), m + (-1.0, 0.5, 0.5)[s]) for ls, m in cells.items() for s in range(3)]
+    trials = trials_table(rows)
+    table = ablation_effects(trials, ["hidden_dim"])
+    assert is_factorial(table)
+    chosen = headline_estimates(table)
+    assert set(chosen) == {1, 2} and {method for method, _ in chosen.values()} == {"factorial"}
+    # Main effect of l=1: its effect with l=2 out and with l=2 in, averaged (cell means by hand).
+    assert chosen[1][1]["effect_meV"] == pytest.approx(((112.0 - 100.0) + (101.0 - 95.0)) / 2)
+    assert chosen[2][1]["effect_meV"] == pytest.approx(((95.0 - 100.0) + (101.0 - 112.0)) / 2)
+    assert all(row["kind"] == "main" for _, row in chosen.values())
+
+
+def test_a_trial_table_with_a_column_named_index_is_analysed_the_same():
+    # As a filtered table's reset_index() leaves it (twice: index and level_0).
+    with_index = TWO_PAIRS.reset_index().reset_index()
+    assert {"index", "level_0"} <= set(with_index.columns)
+    pd.testing.assert_frame_equal(ablation_effects(with_index, ["hidden_dim"]), ablation_effects(TWO_PAIRS, ["hidden_dim"]))
 
 
 def test_molecule_errors_line_up_trials_and_molecules_or_give_none():
