@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -247,6 +248,27 @@ def test_mixed_model_is_statsmodels_random_intercept_fit_with_t_on_groups_minus_
     assert mixed_model(x_nan, np.append(y, 1.0), np.append(groups, 0))["mixed_slope"] == pytest.approx(result["mixed_slope"])
 
 
+def test_mixed_model_is_rank_based_quiet_and_takes_missing_values_as_none():
+    rng = np.random.default_rng(9)
+    groups = np.repeat(np.arange(5), 3)
+    x = rng.normal(size=15)
+    y = x + rng.normal(size=15)
+    reference = mixed_model(x, y, groups)
+    # A monotone change of either variable changes nothing, also onto a range of exactly 1.
+    unit_x, unit_y = (x - x.min()) / (x.max() - x.min()), (y - y.min()) / (y.max() - y.min())
+    assert np.ptp(unit_x) == 1.0 and np.ptp(unit_y) == 1.0
+    assert mixed_model(unit_x, unit_y, groups) == pytest.approx(reference)
+    # A trial without a value may come as None in a column of objects (either variable).
+    x_none = np.array([*x, None, 1.0], dtype=object)
+    y_none = np.array([*y, 1.0, None], dtype=object)
+    assert mixed_model(x_none, y_none, np.append(groups, [0, 1])) == pytest.approx(reference)
+    # Convergence and boundary warnings of the fit are not passed on.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed_model(x, rng.normal(size=15), groups)
+    assert [w for w in caught if issubclass(w.category, (RuntimeWarning, UserWarning))] == []
+
+
 def test_mixed_model_needs_four_groups_replicates_and_variation():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=12), rng.normal(size=12)
@@ -261,6 +283,7 @@ def test_mixed_model_needs_four_groups_replicates_and_variation():
 
 def test_fdr_by_is_benjamini_yekutieli_and_an_unknown_method_is_refused():
     p = [0.01, 0.04, np.nan, 0.03, 0.5]
+    assert np.allclose(fdr([0.01, 0.04, None, 0.03, 0.5]), fdr(p), equal_nan=True)  # None is no test, as NaN
     q = fdr(p, method="by")
     assert q[[0, 1, 3, 4]] == pytest.approx(stats.false_discovery_control([0.01, 0.04, 0.03, 0.5], method="by"))
     assert math.isnan(q[2])
@@ -350,6 +373,70 @@ def test_correlate_scores_fits_the_mixed_model_on_trials_and_keeps_other_blocks_
         assert table.loc[("l1", "norm"), name] == pytest.approx(expected[name])
 
 
+def nine_configurations():
+    """9 configurations (9! > 8!: sampled permutations) x 2 seeds, listed in a scrambled order."""
+    rng = np.random.default_rng(12)
+    names = [f"c{k}" for k in (3, 0, 7, 1, 8, 5, 2, 6, 4)]
+    configurations = np.repeat(names, 2)
+    mae = np.repeat(rng.uniform(10, 100, size=9), 2) + rng.normal(scale=2, size=18)
+    trials = pd.DataFrame(
+        {
+            "run_id": [f"r{k}" for k in range(18)],
+            "configuration": configurations,
+            "test_mae_meV": mae,
+            "num_params": np.repeat(rng.uniform(100, 900, size=9), 2),
+            "hidden_dim": np.repeat([8, 16, 8, 16, 8, 16, 8, 16, 8], 2),
+        }
+    )
+    scores = pd.DataFrame({"run_id": trials["run_id"], "block": "l1", "score": "norm", "value": mae + rng.normal(scale=20, size=18)})
+    return scores, trials
+
+
+def test_correlate_scores_defaults_seed_and_input_order():
+    scores, trials = nine_configurations()
+    table = correlate_scores(scores, trials, mixed=False)
+    row = table.iloc[0]
+    # The defaults: 2000 resamples and permutations, seed 0, on the means sorted by configuration.
+    merged = scores.merge(trials, on="run_id")
+    means = merged.groupby("configuration").agg(value=("value", "mean"), mae=("test_mae_meV", "mean"), size=("num_params", "mean"))
+    hidden = merged.groupby("configuration")["hidden_dim"].first().to_numpy()
+    expected = correlate(
+        means["value"], means["mae"], (hidden == 16).astype(float)[:, None], means["size"], n_boot=2000, n_perm=2000, seed=0
+    )
+    for name in ("rho", "rho_lo", "rho_hi", "tau_lo", "tau_hi", "p_rho", "p_tau", "p_partial", "p_partial_size", "min_p_rho"):
+        assert row[name] == pytest.approx(expected[name]), name
+    assert row["min_p_rho"] == pytest.approx(1 / 2001)
+    # The same study with its rows in another order gives the same table.
+    shuffled = correlate_scores(scores.iloc[::-1], trials.sample(frac=1.0, random_state=0), mixed=False)
+    pd.testing.assert_frame_equal(shuffled, table)
+    # The settings asked for are the ones used.
+    small = correlate_scores(scores, trials, n_boot=0, n_perm=100, seed=3, mixed=False).iloc[0]
+    expected = correlate(means["value"], means["mae"], (hidden == 16).astype(float)[:, None], means["size"], n_boot=0, n_perm=100, seed=3)
+    assert (
+        math.isnan(small["rho_lo"]) and small["p_rho"] == pytest.approx(expected["p_rho"]) and small["min_p_rho"] == pytest.approx(1 / 101)
+    )
+
+
+def test_correlate_scores_takes_missing_values_as_none_and_gives_an_empty_table_when_nothing_is_left():
+    scores, trials = nine_configurations()
+    with_nan = scores.copy()
+    with_nan.loc[0, "value"] = np.nan
+    trials_nan = trials.copy()
+    trials_nan.loc[5, "test_mae_meV"] = np.nan
+    reference = correlate_scores(with_nan, trials_nan, n_boot=0, n_perm=100, mixed=False)
+    with_none = with_nan.astype({"value": object})
+    with_none.loc[0, "value"] = None
+    trials_none = trials_nan.astype({"test_mae_meV": object})
+    trials_none.loc[5, "test_mae_meV"] = None
+    got = correlate_scores(with_none, trials_none, n_boot=0, n_perm=100, mixed=False)
+    assert got.iloc[0]["n_trials"] == 16
+    pd.testing.assert_frame_equal(got, reference)
+    # Only a score the error determines: no rows, the columns all the same.
+    only_error = scores.assign(block="l0", score="knockout_all_share")
+    empty = correlate_scores(only_error, trials, n_boot=0, n_perm=100)
+    assert empty.empty and list(empty.columns) == list(CORRELATION_COLUMNS)
+
+
 def test_correlate_scores_refuses_an_unknown_fdr_method_before_any_work():
     with pytest.raises(ValueError, match=r"fdr_method must be one of \('bh', 'by'\), got 'BH'"):
         correlate_scores(pd.DataFrame(columns=["run_id", "block", "score", "value"]), pd.DataFrame(), fdr_method="BH")
@@ -369,15 +456,15 @@ def test_molecule_correlations_are_scipys_spearman_over_the_finite_molecules():
         {
             "nsps": error + rng.normal(scale=3, size=20),
             "name": ["x"] * 20,
-            "atoms": rng.integers(3, 9, size=20),
             "flat": np.ones(20),
+            "atoms": rng.integers(3, 9, size=20),
         }
     )
     frame.loc[[2, 5], "nsps"] = np.nan
     error_with_nan = error.copy()
     error_with_nan[7] = np.inf
     result = molecule_correlations(error_with_nan, frame).set_index("descriptor")
-    assert list(result.index) == ["nsps", "atoms", "flat"]
+    assert list(result.index) == ["nsps", "flat", "atoms"]
     keep = np.isfinite(frame["nsps"].to_numpy()) & np.isfinite(error_with_nan)
     reference = stats.spearmanr(frame["nsps"].to_numpy()[keep], error[keep])
     assert result.loc["nsps", "n"] == 17
@@ -392,3 +479,16 @@ def test_molecule_correlations_are_scipys_spearman_over_the_finite_molecules():
     flat_error = molecule_correlations(np.ones(5), pd.DataFrame({"d": np.arange(5.0)})).iloc[0]
     assert flat_error["n"] == 5 and math.isnan(flat_error["rho"])
     assert list(molecule_correlations(error, pd.DataFrame({"name": ["x"] * 20})).columns) == ["descriptor", "rho", "p", "n"]
+    # A yes/no descriptor (range 1), an error on a range of 1, a nullable integer descriptor with a
+    # missing molecule, an error given as objects with None: all correlated over what is there.
+    aromatic = (frame["nsps"].fillna(0).to_numpy() > 5).astype(float)
+    unit_error = (error - error.min()) / (error.max() - error.min())
+    assert np.ptp(unit_error) == 1.0
+    other = pd.DataFrame({"aromatic": aromatic, "rings": pd.array([*rng.integers(0, 4, size=19), None], dtype="Int64")})
+    got = molecule_correlations(unit_error, other).set_index("descriptor")
+    assert got.loc["aromatic", "rho"] == pytest.approx(stats.spearmanr(aromatic, error).statistic)
+    rings = other["rings"].to_numpy(dtype=float, na_value=np.nan)
+    assert got.loc["rings", "n"] == 19
+    assert got.loc["rings", "rho"] == pytest.approx(stats.spearmanr(rings[:19], error[:19]).statistic)
+    as_objects = np.array([*error[:19], None], dtype=object)
+    assert molecule_correlations(as_objects, other).set_index("descriptor").loc["aromatic", "n"] == 19
