@@ -98,6 +98,9 @@ def test_covariate_design_indicators_in_order_of_appearance_ranks_beyond_four_le
     assert design.tolist() == expected.tolist()
     five = covariate_design(pd.DataFrame({"depth": [1, 2, 3, 4, 5, 5]}))[0]
     assert five.tolist() == stats.rankdata([1, 2, 3, 4, 5, 5])[:, None].tolist()
+    # MLflow logs parameters as text: numbers in text are ranked as numbers, not as words.
+    as_text = covariate_design(pd.DataFrame({"hidden_dim": ["8", "16", "32", "64", "128", "8"]}))[0]
+    assert as_text.tolist() == stats.rankdata([8, 16, 32, 64, 128, 8])[:, None].tolist()
     empty, none_used = covariate_design(pd.DataFrame({"num_layers": [2] * 4}))
     assert empty.shape == (4, 0) and none_used == []
 
@@ -267,6 +270,21 @@ def test_mixed_model_is_rank_based_quiet_and_takes_missing_values_as_none():
         warnings.simplefilter("always")
         mixed_model(x, rng.normal(size=15), groups)
     assert [w for w in caught if issubclass(w.category, (RuntimeWarning, UserWarning))] == []
+
+
+@pytest.mark.parametrize("se", [0.0, math.inf, math.nan])
+def test_a_degenerate_mixed_fit_gives_no_numbers(monkeypatch, se):
+    # A fit whose slope has a zero, infinite or undefined standard error: no p of 0 or 1, no interval.
+    from statsmodels.regression import mixed_linear_model
+
+    class Fit:
+        fe_params = np.array([0.0, 0.4])
+        bse_fe = np.array([1.0, se])
+
+    monkeypatch.setattr(mixed_linear_model.MixedLM, "fit", lambda self, **kwargs: Fit())
+    rng = np.random.default_rng(10)
+    result = mixed_model(rng.normal(size=12), rng.normal(size=12), np.repeat(np.arange(6), 2))
+    assert all(math.isnan(v) for v in result.values()) and set(result) == set(MIXED_COLUMNS)
 
 
 def test_mixed_model_needs_four_groups_replicates_and_variation():
