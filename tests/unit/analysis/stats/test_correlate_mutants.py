@@ -17,6 +17,7 @@ import analysis.stats.correlate as correlate_module
 from analysis.stats.correlate import (
     CORRELATION_COLUMNS,
     MIXED_COLUMNS,
+    STAT_COLUMNS,
     correlate,
     correlate_scores,
     covariate_design,
@@ -62,6 +63,43 @@ def test_row_correlations_are_computed_row_by_row():
     constant = correlate_module._pearson_rows(np.ones((1, 5)), np.arange(5.0)[None])
     assert math.isnan(constant[0])
     assert math.isnan(kendall_rows(np.ones(5), np.arange(5.0))[0])
+
+
+def test_spearman_rows_of_two_plain_vectors_is_one_correlation():
+    x, y = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0]), np.array([2.0, 7.0, 1.0, 8.0, 2.0, 8.0])
+    assert float(spearman_rows(x, y)) == pytest.approx(spearman(x, y))
+
+
+def test_correlate_defaults_are_2000_resamples_2000_permutations_and_seed_0():
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=9)
+    y = 0.5 * x + rng.normal(size=9)
+    default = correlate(x, y)
+    explicit = correlate(x, y, n_boot=2000, n_perm=2000, seed=0)
+    for name in ("rho_lo", "rho_hi", "tau_lo", "tau_hi", "p_rho", "p_tau"):
+        assert default[name] == explicit[name], name
+    assert default["min_p_rho"] == pytest.approx(1 / 2001)
+
+
+def test_correlate_is_rank_based_takes_none_as_missing_and_returns_its_documented_keys():
+    rng = np.random.default_rng(14)
+    x, y = rng.normal(size=7), rng.normal(size=7)
+    group = np.array([0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    size = rng.uniform(100, 900, size=7)
+    reference = correlate(x, y, group, size, **FAST)
+    assert set(reference) == {*STAT_COLUMNS} - {"covariates"} | {"n", "min_p_rho"}
+    # A monotone rescaling onto a range of exactly 1 changes nothing (ranks).
+    unit = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
+    assert correlate(unit(x), unit(y), group, size, **FAST) == pytest.approx(reference, nan_ok=True)
+
+    # A value missing as None (objects) in x, y, the covariates or the size: that row is left out.
+    def with_none(v, where):
+        out = np.array([*v, 1.0, 1.0, 1.0, 1.0], dtype=object)
+        out[7 + where] = None
+        return out
+
+    result = correlate(with_none(x, 0), with_none(y, 1), with_none(group, 2)[:, None], with_none(size, 3), **FAST)
+    assert result == pytest.approx(reference, nan_ok=True)
 
 
 def test_kendall_rows_in_several_chunks_match_scipy():
