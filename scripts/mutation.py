@@ -69,13 +69,51 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/unit/config/test_space_mutants.py",
         ],
     ),
+    # Not test_intervals_cover_the_planted_effects_in_about_95_percent_of_studies (a simulation of many
+    # studies: 8.8 s measured, on every mutant); it runs in the normal suite.
     "ablation": (
         "analysis/stats/ablation.py",
-        ["tests/unit/analysis/stats/test_analysis_ablation.py", "tests/unit/analysis/stats/test_ablation_mutants.py"],
+        [
+            *(
+                f"tests/unit/analysis/stats/test_analysis_ablation.py::{test}"
+                for test in (
+                    "test_balanced_study_recovers_planted_effects_within_the_paired_and_regression_intervals",
+                    "test_unbalanced_optuna_like_study_has_no_pairs_and_the_regression_recovers_the_effects",
+                    "test_pairing_gives_narrower_intervals_than_comparing_unpaired_configurations",
+                    "test_pairs_share_every_other_parameter_and_the_seed",
+                    "test_headline_sentences_name_effect_interval_and_number_of_pairs",
+                    "test_a_single_configuration_pair_says_its_interval_is_seed_noise_only",
+                    "test_two_l_sets_and_nothing_else_varied_are_analysed_as_a_factorial",
+                    "test_configurations_that_do_not_clearly_beat_the_composition_fit_are_named",
+                )
+            ),
+            "tests/unit/analysis/stats/test_ablation_mutants.py",
+        ],
     ),
+    # Not test_planted_null_intervals_cover_zero_and_p_values_are_not_small (a simulation of many
+    # null studies: 12.2 s measured, on every mutant); it runs in the normal suite.
     "correlate": (
         "analysis/stats/correlate.py",
-        ["tests/unit/analysis/stats/test_analysis_correlate.py", "tests/unit/analysis/stats/test_correlate_mutants.py"],
+        [
+            *(
+                f"tests/unit/analysis/stats/test_analysis_correlate.py::{test}"
+                for test in (
+                    "test_vectorised_rank_correlations_match_scipy_with_ties",
+                    "test_planted_monotone_relation_gives_rho_near_one_with_ci_excluding_zero",
+                    "test_partial_correlation_on_size_removes_a_relation_that_only_goes_through_model_size",
+                    "test_a_covariate_with_few_levels_is_removed_whatever_the_shape_of_its_effect",
+                    "test_too_few_or_constant_values_give_no_invented_numbers",
+                    "test_correlate_scores_makes_one_row_per_block_and_score_over_configuration_means",
+                    "test_a_score_that_is_not_finite_in_any_trial_gives_an_empty_row_not_a_crash",
+                    "test_fdr_is_benjamini_hochberg_by_hand",
+                    "test_small_n_permutation_p_values_are_exact_and_never_below_the_floor",
+                    "test_bootstrap_intervals_are_scipys_percentile_intervals_without_constant_resamples",
+                    "test_fdr_runs_only_over_rows_whose_design_can_reach_significance",
+                    "test_molecule_correlations_find_a_planted_descriptor",
+                )
+            ),
+            "tests/unit/analysis/stats/test_correlate_mutants.py",
+        ],
     ),
     # Not test_config.py's two CLI tests nor test_config_properties.py's: they run `irrep-study` in
     # a subprocess, which imports the editable install, not ./mutants/, so they kill no mutant (about
