@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -165,6 +166,9 @@ class RayCluster:
             "false",
             "--ray-client-server-port",
             str(free_port()),
+            # Not Ray's fixed 8265 (with no retries): two clusters of tests run side by side.
+            "--dashboard-port",
+            str(free_port()),
             *common,
         )
         for _ in range(workers):
@@ -173,8 +177,32 @@ class RayCluster:
     def _ray(self, *args: str) -> None:
         subprocess.run([str(BIN / "ray"), *args], check=True, env=self.env, capture_output=True, timeout=180)
 
+    def processes(self) -> list:
+        """This cluster's processes: those named by its temp dir or its GCS port (Ray's client
+        server), and everything they started (workers, agents)."""
+        import psutil
+
+        found: dict[int, psutil.Process] = {}
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(process.info["cmdline"] or []) + " "
+            if f"{self.temp_dir}/" in cmdline or f":{self.port} " in cmdline:
+                try:
+                    for one in [process, *process.children(recursive=True)]:
+                        found[one.pid] = one
+                except psutil.NoSuchProcess:
+                    pass
+        return list(found.values())
+
     def stop(self) -> None:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        """Stop this cluster's processes only: `ray stop` would stop every Ray on the machine,
+        the Rays of tests running beside this one (pytest-xdist) too."""
+        import psutil
+
+        processes = self.processes()
+        for process in processes:  # SIGKILL, as `ray stop --force` does: some do not heed SIGTERM
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(processes, timeout=30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -46,10 +46,15 @@ def trial_runs(cwd, name):
     return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
 
 
-def trial_workers() -> list[psutil.Process]:
+def trial_workers(sweep: subprocess.Popen) -> list[psutil.Process]:
+    """The trial workers of this sweep's own local Ray (its raylet is the driver's child), not those
+    of a sweep another test runs beside it."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
+    for process in psutil.Process(sweep.pid).children(recursive=True):
+        try:
+            cmdline = " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            continue
         if "ray::ImplicitFunc" in cmdline or "ray::run_sweep_trial" in cmdline:
             found.append(process)
     return found
@@ -60,7 +65,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint_with_each_epoch_logged_
     sweep = start_sweep(space, tmp_path, qm9_cache_dir)
     try:
         wait_for_epochs(sweep, tmp_path, lambda: trial_runs(tmp_path, "worker-kill"), epochs=2)
-        workers = trial_workers()
+        workers = trial_workers(sweep)
         assert workers, "no trial worker process found"
         for worker in workers:
             worker.send_signal(signal.SIGKILL)
