@@ -166,7 +166,7 @@ class RayCluster:
             "false",
             "--ray-client-server-port",
             str(free_port()),
-            # Not Ray's fixed 8265 (with no retries): two clusters of tests run side by side.
+            # Not Ray's fixed 8265 (with no retries): two clusters on one machine would collide there.
             "--dashboard-port",
             str(free_port()),
             *common,
@@ -194,8 +194,8 @@ class RayCluster:
         return list(found.values())
 
     def stop(self) -> None:
-        """Stop this cluster's processes only: `ray stop` would stop every Ray on the machine,
-        the Rays of tests running beside this one (pytest-xdist) too."""
+        """Stop this cluster's processes only: `ray stop` would stop every Ray on the machine, a
+        developer's own and those of another test run beside this one too."""
         import psutil
 
         processes = self.processes()
