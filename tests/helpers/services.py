@@ -177,21 +177,36 @@ class RayCluster:
     def _ray(self, *args: str) -> None:
         subprocess.run([str(BIN / "ray"), *args], check=True, env=self.env, capture_output=True, timeout=180)
 
-    def processes(self) -> list:
-        """This cluster's processes: those named by its temp dir or its GCS port (Ray's client
-        server), and everything they started (workers, agents)."""
+    def _named_processes(self):
+        """(process, its command line) of each process named by this cluster's temp dir or its
+        GCS port (Ray's client server); the command line ends with a space."""
         import psutil
 
-        found: dict[int, psutil.Process] = {}
         for process in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or []) + " "
             if f"{self.temp_dir}/" in cmdline or f":{self.port} " in cmdline:
-                try:
-                    for one in [process, *process.children(recursive=True)]:
-                        found[one.pid] = one
-                except psutil.NoSuchProcess:
-                    pass
+                yield process, cmdline
+
+    def processes(self) -> list:
+        """This cluster's processes and everything they started (workers, agents)."""
+        import psutil
+
+        found: dict[int, psutil.Process] = {}
+        for process, _ in self._named_processes():
+            try:
+                for one in [process, *process.children(recursive=True)]:
+                    found[one.pid] = one
+            except psutil.NoSuchProcess:
+                pass
         return list(found.values())
+
+    def node_processes(self, index: int) -> list:
+        """The raylet of this cluster's `index`-th joined node and everything it started
+        (its workers)."""
+        for process, cmdline in self._named_processes():
+            if f"sockets/raylet.{index} " in cmdline:
+                return [process, *process.children(recursive=True)]
+        raise AssertionError(f"no raylet of node {index} in {self.temp_dir}")
 
     def stop(self) -> None:
         """Stop this cluster's processes only: `ray stop` would stop every Ray on the machine, a

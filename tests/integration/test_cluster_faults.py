@@ -7,7 +7,6 @@ import json
 import os
 import signal
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -23,16 +22,6 @@ from tests.helpers.services import (
 )
 
 pytestmark = pytest.mark.slow  # a Ray cluster, a node killed, two drivers
-
-
-def node_processes(cluster: RayCluster, index: int) -> list[psutil.Process]:
-    """The raylet of the cluster's `index`-th joined node and everything it started (its workers)."""
-    socket = f"{cluster.temp_dir}/"
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if socket in cmdline and f"sockets/raylet.{index} " in cmdline + " ":
-            return [process, *process.children(recursive=True)]
-    raise AssertionError(f"no raylet of node {index} in {cluster.temp_dir}")
 
 
 def restored_trials(sweep_folder) -> list[str]:
@@ -54,7 +43,7 @@ def test_a_node_leaving_mid_sweep_its_trial_continues_on_another_from_its_checkp
     sweep = start_sweep(space, tmp_path, qm9_cache_dir, "--address", cluster.address, "--tracking-uri", server.uri, env=cluster.client_env)
     try:
         wait_for_epochs(sweep, tmp_path, lambda: (client, trial_runs_of(client, "node-loss")), epochs=2, trials=2)
-        for process in node_processes(cluster, 1):  # one trial per node (1 CPU each): one trial goes down with it
+        for process in cluster.node_processes(1):  # one trial per node (1 CPU each): one trial goes down with it
             process.kill()
         stdout, _ = sweep.communicate(timeout=600)
     finally:
