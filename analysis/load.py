@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
 from study.config.trial import TrialConfig
 from study.errors import UserError
 from study.names import COMPLETED, TEST_MAE, TRAIN_LOSS, VAL_MAE
@@ -90,12 +92,12 @@ def _describe(run) -> str:
     return f"trial run {run.info.run_id}" + (f" ({name})" if name else "")
 
 
-def _artifact(client, run, name: str, listing: set[str], what: str) -> Path:
+def _artifact(repository, run, name: str, listing: set[str], what: str) -> Path:
     if name not in listing:
         raise AnalysisError(f"{_describe(run)}: no {name} artifact ({what}); logged by an incomplete or older sweep?")
     try:
         # Local artifact stores return the file in place; remote ones download it to a temp folder.
-        return Path(client.download_artifacts(run.info.run_id, name))
+        return Path(repository.download_artifacts(name))
     except Exception as exc:
         raise AnalysisError(f"{_describe(run)}: cannot fetch {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
@@ -119,14 +121,18 @@ def _history(client, run_id: str, layout: IrrepsLayout) -> dict[str, list[tuple[
     return history
 
 
-def load_trial(client, run) -> Trial:
+def load_trial(client, run, tracking_uri: str) -> Trial:
     """A completed trial run's config, metrics, embeddings and weights; AnalysisError if any is missing."""
-    listing = {info.path for info in client.list_artifacts(run.info.run_id)}
+    # The run's own artifact repository, found once from the run at hand: the client's
+    # download_artifacts(run_id, ...) reads the run back and searches its logged models on every
+    # call (40 ms each, 5 of the 8 s that reading a 40-trial study took).
+    repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
+    listing = {info.path for info in repository.list_artifacts()}
     metrics = dict(run.data.metrics)
     if TEST_MAE not in metrics or not math.isfinite(metrics[TEST_MAE]):
         raise AnalysisError(f"{_describe(run)}: marked completed but has no finite test_mae_meV metric")
-    config = _read_config(run, _artifact(client, run, CONFIG_ARTIFACT, listing, "the trial config"))
-    embeddings_path = _artifact(client, run, EMBEDDINGS_ARTIFACT, listing, "the test-set embeddings")
+    config = _read_config(run, _artifact(repository, run, CONFIG_ARTIFACT, listing, "the trial config"))
+    embeddings_path = _artifact(repository, run, EMBEDDINGS_ARTIFACT, listing, "the test-set embeddings")
     try:
         embeddings = load_embeddings(embeddings_path)
     except EmbeddingsFormatError as exc:
@@ -135,7 +141,7 @@ def load_trial(client, run) -> Trial:
         raise AnalysisError(
             f"{_describe(run)}: embeddings hold l={list(embeddings.layout.l_values)} but the config says {list(config.l_values)}"
         )
-    weights = _artifact(client, run, WEIGHTS_ARTIFACT, listing, "the best weights")
+    weights = _artifact(repository, run, WEIGHTS_ARTIFACT, listing, "the best weights")
     return Trial(
         run_id=run.info.run_id,
         run_name=run.info.run_name or run.info.run_id,
@@ -165,6 +171,6 @@ def load_study(experiment: str, parent_run_id: str | None = None, tracking_uri: 
         raise AnalysisError(f"no completed trials in {scope} (found: {found})")
     # Oldest first, so tables and plots keep the order in which the sweep ran.
     completed.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
-    trials = [load_trial(client, run) for run in completed]
+    trials = [load_trial(client, run, uri) for run in completed]
     skipped = {status: n for status, n in statuses.items() if status != ANALYSED_STATUS}
     return Study(uri, experiment, experiment_id, parent_run_id, trials, skipped)

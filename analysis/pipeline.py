@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from analysis.report.sections import (
     report_sections,
     study_summary,
 )
+from analysis.report.umap_grids import UmapDrawing, umap_grids
 from analysis.scoring.descriptors import descriptors
 from analysis.scoring.kept import KeptScores, TrialScores, score_key
 from analysis.scoring.scores import ALL_SCORES, ScoreSettings, residual_target
@@ -190,9 +192,13 @@ def run_analysis(
     descriptor_cache_dir: Path | None = None,
     log: Callable[[str], None] = lambda message: None,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> AnalysisOutcome:
     """Load the study's trials, score every irrep block, relate the scores to test error, write
-    tables, figures and report.html to `out_dir`, and (by default) log the analysis to MLflow."""
+    tables, figures and report.html to `out_dir`, and (by default) log the analysis to MLflow.
+
+    ``executor``: where the trials still to score are scored instead of ``settings.workers`` local
+    processes (`irrep-study analyze --address`: a cluster's Ray tasks, study.sweep.ray_tasks)."""
     settings = settings or AnalysisSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,16 +217,17 @@ def run_analysis(
     all_smiles = sorted({s for t in study.trials for s in t.embeddings.smiles.tolist()})
     molecules = descriptors(all_smiles, descriptor_cache_dir).set_index("smiles")
     report("descriptors", 1, 1)
-    scored = _score_trials(study.trials, molecules, settings, study.tracking_uri, qm9_cache_dir, log, report)
-    tables = _tables(study, scored, runs, context, settings, log, report)
-    files = _write_tables(out_dir, {**tables.frames, "molecules": _molecule_table(study.trials, molecules, scored.errors)})
+    scored = _score_trials(study.trials, molecules, settings, study.tracking_uri, qm9_cache_dir, log, report, executor)
+    grids = umap_grids(out_dir, study.trials, scored.projections, settings.umap_figures)
+    with UmapDrawing(grids, in_background=settings.workers > 1) as umap_drawing:
+        tables = _tables(study, scored, runs, context, settings, log, report)
+        files = _write_tables(out_dir, {**tables.frames, "molecules": _molecule_table(study.trials, molecules, scored.errors)})
 
-    report("figures", 0, 1)
-    figures = draw_figures(
-        out_dir, study.trials, tables.trials, tables.scores, tables.correlations, tables.ablation, scored.projections, settings
-    )
+        report("figures", 0, 1)
+        figures = draw_figures(out_dir, study.trials, tables.trials, tables.scores, tables.correlations, tables.ablation)
+        answer = gather_findings(runs, context, tables, out_dir)
+        figures.update(umap_drawing.figures())
     files.update({name: path for name, (path, _) in figures.items()})
-    answer = gather_findings(runs, context, tables, out_dir)
     files.update({name: path for name, (path, _) in answer.figures.items()})
     files.update(_write_tables(out_dir, {"importance": answer.importance, "pareto": answer.pareto}))
     # The findings as plain text, one sentence per line: what a results README quotes.
@@ -290,6 +297,7 @@ def _score_trials(
     qm9_cache_dir: Path | None,
     log: Callable[[str], None],
     report: Progress,
+    executor: Executor | None = None,
 ) -> _Scored:
     """Every trial's scores: read back where its run keeps them for these settings, the others
     computed (``settings.workers`` at a time) and kept with their runs as each one finishes."""
@@ -308,7 +316,12 @@ def _score_trials(
                 changed.append(difference)
     todo = [index for index in range(len(trials)) if index not in scores]
     reused = f"{len(scores)} read back from their MLflow runs, " if kept is not None else ""
-    at_a_time = f" ({min(settings.workers, len(todo))} at a time)" if todo else ""
+    if not todo:
+        at_a_time = ""
+    elif executor is not None:
+        at_a_time = " (as tasks on the Ray cluster)"
+    else:
+        at_a_time = f" ({min(settings.workers, len(todo))} at a time)"
     log(f"scores of {len(trials)} trials: {reused}{len(todo)} to compute{at_a_time}")
     if changed:
         log(f"{len(changed)} of them kept scores of other settings, recomputed ({'; '.join(sorted(set(changed)))})")
@@ -327,7 +340,9 @@ def _score_trials(
         finished += 1
         report(f"scored {trials[index].label}", finished, len(todo))
 
-    score_trials([jobs[index] for index in todo], settings.scores, settings.knockout, settings.workers, qm9_cache_dir, on_scored, log)
+    score_trials(
+        [jobs[index] for index in todo], settings.scores, settings.knockout, settings.workers, qm9_cache_dir, on_scored, log, executor
+    )
 
     scored = _Scored()
     for index, (trial, job) in enumerate(zip(trials, jobs)):

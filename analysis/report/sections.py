@@ -5,7 +5,6 @@ page is assembled by `page`; the sentences themselves are built by `findings`.""
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from analysis.report.findings import SIGNIFICANCE
@@ -16,7 +15,6 @@ if TYPE_CHECKING:
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analysis.report import findings as found
@@ -204,7 +202,7 @@ STUDY_FIGURES = (
 )
 
 
-def draw_figures(out_dir, trials, trial_table, scores, correlations, ablation, projections, settings) -> dict[str, tuple[Path, str]]:
+def draw_figures(out_dir, trials, trial_table, scores, correlations, ablation) -> dict[str, tuple[Path, str]]:
     figures: dict[str, tuple[Path, str]] = {}
     path = plots.configuration_errors_figure(trial_table, out_dir / "configuration_errors.png")
     if path:
@@ -270,21 +268,6 @@ def draw_figures(out_dir, trials, trial_table, scores, correlations, ablation, p
             f"(past {plots.NORM_SHARE_LEGEND_MAX} configurations, only the "
             f"{plots.NORM_SHARE_LEGEND_ENDS} best and worst).",
         )
-    order = trial_table.sort_values(TEST_MAE, kind="stable")["run_id"].tolist()
-    chosen = list(dict.fromkeys(order[: settings.umap_figures] + order[::-1][: settings.umap_figures]))
-    by_id = {t.run_id: t for t in trials}
-    for run_id in chosen:
-        result, nsps = projections[run_id]
-        if not result.umap:
-            continue
-        trial = by_id[run_id]
-        sample = result.sample
-        abs_error = np.abs(trial.embeddings.prediction - trial.embeddings.target)[sample] * 1000.0
-        position = order.index(run_id) + 1
-        name = f"umap_{position:03d}_{_safe_name(trial.label)}"
-        title = f"{trial.label} (test MAE {trial.test_mae_meV:.1f} meV, rank {position}/{len(order)}; run {run_id})"
-        path = plots.umap_figure(title, result.umap, nsps[sample], abs_error, out_dir / f"{name}.png")
-        figures[name] = (path, f"2D UMAP of each block's invariant features: {title}. Left: nSPS; right: |error|.")
     return figures
 
 
@@ -434,10 +417,6 @@ def _ablation_section(ablation: pd.DataFrame, forest: Figure | None) -> Section:
     return Section(
         "ablation", "Ablation effects: what including each l does to the test error", "Ablation", note=text, tables=[table], figures=figures
     )
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
 
 
 def per_trial_descriptor_table(within: pd.DataFrame) -> pd.DataFrame:

@@ -9,10 +9,12 @@ order by another thread count would differ in the last bits, and the kept scores
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
+import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,22 @@ def _score_in_worker(job: ScoringJob, settings: ScoreSettings, knockout: bool) -
     return score_trial(job.trial, job.nsps, settings, knockout, _worker_qm9)
 
 
+# Per process that runs portable jobs (a Ray worker): QM9 by cache folder, loaded at its first knockout.
+_portable_qm9: dict[Path | None, Callable[[], object]] = {}
+
+
+def score_portable(job: ScoringJob, weights: bytes, settings: ScoreSettings, knockout: bool, cache_dir: Path | None) -> TrialScores:
+    """`score_trial` in a process that may be on another machine (a Ray task): the trial's weights
+    come as bytes, since its weights_path is a file of the analysing machine's, and QM9 is loaded
+    from ``cache_dir`` there (None: that machine's default cache)."""
+    loader = _portable_qm9.setdefault(cache_dir, lazy_qm9(cache_dir))
+    with tempfile.TemporaryDirectory(prefix="irrep-study-scoring-") as folder:
+        weights_path = Path(folder) / "best_model.pt"
+        weights_path.write_bytes(weights)
+        trial = dataclasses.replace(job.trial, weights_path=weights_path)
+        return score_trial(trial, job.nsps, settings, knockout, loader)
+
+
 def score_trials(
     jobs: Sequence[ScoringJob],
     settings: ScoreSettings,
@@ -107,10 +125,22 @@ def score_trials(
     qm9_cache_dir: Path | None,
     on_scored: Callable[[int, TrialScores], None],
     log: Callable[[str], None] = lambda message: None,
+    executor: Executor | None = None,
 ) -> None:
     """Scores every job, ``workers`` at a time (1: in this process), calling ``on_scored(index,
-    scores)`` in this process as each one finishes (in the order they finish)."""
+    scores)`` in this process as each one finishes (in the order they finish).
+
+    ``executor``: where to score instead, all jobs submitted at once (a cluster's Ray tasks:
+    study.sweep.ray_tasks, so that analysis itself imports no Ray); each job carries its trial's
+    weights, and QM9 is loaded where it runs."""
     if not jobs:
+        return
+    if executor is not None:
+        pending = {
+            executor.submit(score_portable, job, _weights(job, knockout), settings, knockout, qm9_cache_dir): index
+            for index, job in enumerate(jobs)
+        }
+        _collect(executor, pending, on_scored)
         return
     loader = lazy_qm9(qm9_cache_dir, log)
     if knockout:
@@ -124,13 +154,22 @@ def score_trials(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker, initargs=(qm9_cache_dir,)) as pool:
         pending = {pool.submit(_score_in_worker, job, settings, knockout): index for index, job in enumerate(jobs)}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    on_scored(pending.pop(future), future.result())
-        except BaseException:
-            # Ctrl-C or a trial that cannot be scored: the queued trials are not started; the
-            # trials already scored were kept by on_scored.
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        _collect(pool, pending, on_scored)
+
+
+def _weights(job: ScoringJob, knockout: bool) -> bytes:
+    # Only knockouts run the model.
+    return Path(job.trial.weights_path).read_bytes() if knockout else b""
+
+
+def _collect(executor: Executor, pending: dict[Future, int], on_scored: Callable[[int, TrialScores], None]) -> None:
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_scored(pending.pop(future), future.result())
+    except BaseException:
+        # Ctrl-C or a trial that cannot be scored: the queued trials are not started; the
+        # trials already scored were kept by on_scored.
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise

@@ -204,6 +204,13 @@ def analyze(
     workers: Annotated[
         Optional[int], typer.Option(help="Trials scored at the same time, each in its own process (default: one per CPU core).")
     ] = None,
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Score the trials as Ray tasks (one CPU each) on the cluster at this address: auto, host:port or "
+            "ray://host:port (default: --workers processes here)."
+        ),
+    ] = None,
     reuse_scores: Annotated[
         bool,
         typer.Option(
@@ -224,6 +231,8 @@ def analyze(
         raise UserError(f"--bootstrap: must be at least 100, got {bootstrap}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers: must be at least 1, got {workers}")
+    if workers is not None and address is not None:
+        raise UserError("--workers and --address: give one (with --address, Ray runs as many trials at once as the cluster has CPUs)")
     if out is None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         out = Path("analyses") / f"{safe}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -240,6 +249,13 @@ def analyze(
         workers=workers or os.cpu_count() or 1,
         reuse_scores=reuse_scores,
     )
+    executor = None
+    if address is not None:
+        from study.sweep.cluster import connect_ray
+        from study.sweep.ray_tasks import RayTaskExecutor
+
+        connect_ray(address)
+        executor = RayTaskExecutor()
     with Progress(
         TextColumn("[bold]analyze[/]"),
         BarColumn(),
@@ -264,6 +280,7 @@ def analyze(
             descriptor_cache_dir=cache_dir / "descriptors" if cache_dir else None,
             log=lambda message: log.print(message),
             progress=on_progress,
+            executor=executor,
         )
     document = outcome.to_dict()
     if as_json:

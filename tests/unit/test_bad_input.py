@@ -207,6 +207,16 @@ CASES = [
         ["--workers", "at least 1", "got 0"],
     ),
     (
+        "analyze with both --workers and --address",
+        lambda d: ["analyze", "--experiment", "Default", "--workers", "2", "--address", "127.0.0.1:1"],
+        ["--workers and --address", "give one"],
+    ),
+    (
+        "analyze --address where no Ray cluster answers",
+        lambda d: ["analyze", "--experiment", "Default", "--address", "127.0.0.1:1"],
+        ["--address 127.0.0.1:1", "no Ray cluster answers there"],
+    ),
+    (
         "analyze --out below a file",
         lambda d: ["analyze", "--experiment", "Default", "--out", str(d / "a-file" / "x")],
         ["--out", "a-file", "is a file, not a folder"],
