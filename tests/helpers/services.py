@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -148,9 +149,11 @@ class RayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        # Ray 2.60 turns on token authentication for `ray start --head` (token in ~/.ray/auth_token);
-        # every process that joins or drives the cluster must then run in token mode too.
-        self.client_env = {"RAY_AUTH_MODE": "token"}
+        # Ray 2.60 turns on token authentication for `ray start --head`; every process that joins or
+        # drives the cluster must then run in token mode with the same token. A token of the
+        # cluster's own, not ~/.ray/auth_token: a fresh machine (CI's) has none, and `ray start`
+        # refuses to run without one.
+        self.client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.client_env}
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--disable-usage-stats"]
         if gpus is not None:
