@@ -19,10 +19,10 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch_geometric.data import Batch, Data
 
 from study.config.targets import TARGETS
 from study.data.cache import (
@@ -33,6 +33,10 @@ from study.data.cache import (
 )
 from study.errors import UserError
 from study.paths import atomic_write
+
+if TYPE_CHECKING:  # PyG is imported where a graph is built: the driver builds none, and
+    # importing PyG (torch._dynamo with it) costs a sweep's driver about 3.5 s.
+    from torch_geometric.data import Batch, Data
 
 SOURCE_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 NUM_MOLECULES = 130_831
@@ -327,6 +331,8 @@ class QM9Dataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, item: int) -> Data:
+        from torch_geometric.data import Data
+
         t, molecule = self.tensors, int(self.indices[item])
         start, stop = int(t.atom_ptr[molecule]), int(t.atom_ptr[molecule + 1])
         pos = t.pos[start:stop]
@@ -444,6 +450,8 @@ class CollatedSplit:
         edges = _concatenated_ranges(self.edge_start[index], edges_per_graph)
         # Local atom numbers plus the graph's first atom in the batch, as PyG's collate increments them.
         edge_index = self.local_edges[:, edges] + ptr[edge_graph]
+        from torch_geometric.data import Batch
+
         batch = Batch(
             z=self.z[atoms],
             pos=self.pos[atoms],

@@ -6,6 +6,8 @@ import csv
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -291,3 +293,12 @@ def test_collated_split_serves_the_data_loaders_batches(qm9, edges):
             for key in ("z", "pos", "y", "edge_index", "batch", "ptr", "mol_id", "idx"):
                 assert want[key].dtype == have[key].dtype and torch.equal(want[key], have[key]), key
             assert want.smiles == have.smiles and want.num_graphs == have.num_graphs
+
+
+def test_the_sweep_driver_starts_without_importing_pytorch_geometric():
+    # Every sweep's driver imports study.data.qm9 and builds no graph; PyG (and torch._dynamo with
+    # it) would add seconds to the start of every sweep. The trials import it where they batch.
+    code = "import sys, study.sweep.driver; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch_geometric'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
