@@ -471,6 +471,15 @@ def test_correlate_scores_defaults_seed_and_input_order():
     assert (
         math.isnan(small["rho_lo"]) and small["p_rho"] == pytest.approx(expected["p_rho"]) and small["min_p_rho"] == pytest.approx(1 / 101)
     )
+    # The seed reaches the resampling: bootstrap bounds are continuous in the draw, so seeds 3 and
+    # 0 give different ones (permutation p values of 100 draws can coincide across seeds).
+    seeded = correlate_scores(scores, trials, n_boot=200, n_perm=0, seed=3, mixed=False).iloc[0]
+    at_3, at_0 = (
+        correlate(means["value"], means["mae"], (hidden == 16).astype(float)[:, None], means["size"], n_boot=200, n_perm=0, seed=s)
+        for s in (3, 0)
+    )
+    assert at_3["rho_lo"] != at_0["rho_lo"]
+    assert (seeded["rho_lo"], seeded["tau_hi"]) == pytest.approx((at_3["rho_lo"], at_3["tau_hi"]))
 
 
 def test_correlate_scores_takes_missing_values_as_none_and_gives_an_empty_table_when_nothing_is_left():
