@@ -557,3 +557,6 @@ def test_molecule_correlations_are_scipys_spearman_over_the_finite_molecules():
     assert got.loc["rings", "rho"] == pytest.approx(stats.spearmanr(rings[:19], error[:19]).statistic)
     as_objects = np.array([*error[:19], None], dtype=object)
     assert molecule_correlations(as_objects, other).set_index("descriptor").loc["aromatic", "n"] == 19
+    # A descriptor of dtype bool (numeric to pandas) is correlated as its 0/1 values.
+    flags = molecule_correlations(unit_error, pd.DataFrame({"aromatic": aromatic.astype(bool)})).iloc[0]
+    assert flags["n"] == 20 and flags["rho"] == pytest.approx(got.loc["aromatic", "rho"])
