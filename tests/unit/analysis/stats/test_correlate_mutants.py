@@ -103,12 +103,13 @@ def test_correlate_is_rank_based_takes_none_as_missing_and_returns_its_documente
 
 
 def test_kendall_rows_in_several_chunks_match_scipy():
-    # 300 points: 222 rows a chunk, so 226 rows are two chunks, the second one partial.
+    # 300 points: 222 rows a chunk, so 445 rows are three chunks, the last one a single row. More
+    # rows than points: a loop over the points' count instead of the rows' would stop at row 443.
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 30, size=(226, 300)).astype(float)
-    y = x + rng.normal(scale=20, size=(226, 300))
+    x = rng.integers(0, 30, size=(445, 300)).astype(float)
+    y = x + rng.normal(scale=20, size=(445, 300))
     out = kendall_rows(x, y)
-    for k in (0, 221, 222, 225):
+    for k in (0, 221, 222, 443, 444):
         assert out[k] == pytest.approx(kendall(x[k], y[k]))
 
 
@@ -254,6 +255,11 @@ def test_rows_missing_a_covariate_or_a_size_are_left_out():
     assert correlate(x, y, group, **FAST)["rho"] == pytest.approx(spearman(x[:6], y[:6]))
     size = np.array([10.0, 30.0, 20.0, 60.0, 50.0, 40.0, np.nan])
     assert correlate(x, y, size=size, **FAST)["n"] == 6
+    # Only the size's ranks enter: a size in other units (millions of parameters, a range below
+    # 1) gives the same partial.
+    in_millions = correlate(x, y, size=size / 1e6, **FAST)
+    assert math.isfinite(in_millions["partial_rho_size"])
+    assert in_millions["partial_rho_size"] == pytest.approx(correlate(x, y, size=size, **FAST)["partial_rho_size"])
     # The size varies only in a row that is left out: no size partial.
     flat = np.array([5.0] * 6 + [99.0])
     y_missing = y.copy()
