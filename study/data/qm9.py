@@ -34,8 +34,8 @@ from study.data.cache import (
 from study.errors import UserError
 from study.paths import atomic_write
 
-if TYPE_CHECKING:  # PyG is imported where a graph is built: the driver builds none, and
-    # importing PyG (torch._dynamo with it) costs a sweep's driver about 3.5 s.
+if TYPE_CHECKING:  # PyG is imported where a graph is built: a sweep's driver builds none, and
+    # importing PyG cost it about 0.8 s of CPU at every start (docs/development.md).
     from torch_geometric.data import Batch, Data
 
 SOURCE_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
