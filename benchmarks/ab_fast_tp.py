@@ -56,6 +56,7 @@ def compare(
     ours = bench_models(case, device, ("fast",))["fast"]
     theirs = copy.deepcopy(ours)
     column = target_index("U0_atom")
+    entries = [(ours, make_optimizer(ours, lr=1e-3), [])]
     if other is None:
         compiled = CompiledOrEager(theirs)
         optimizer = make_optimizer(theirs, lr=1e-3)
@@ -65,11 +66,11 @@ def compare(
         if compiled.failure is not None:
             raise SystemExit(f"error: torch.compile failed here ({compiled.failure})")
         print(f"{spec}: first compiled step (compiling) {time.perf_counter() - started:.1f} s", flush=True)
-        entries = [(ours, make_optimizer(ours, lr=1e-3), []), (compiled, optimizer, [])]
+        entries.append((compiled, optimizer, []))
     else:
         for block in [theirs.input_block, *theirs.blocks]:
             block.tp = other.FusedRadialTensorProduct(block.in_irreps, block.sh_irreps, block.out_irreps).to(device)
-        entries = [(ours, make_optimizer(ours, lr=1e-3), []), (theirs, make_optimizer(theirs, lr=1e-3), [])]
+        entries.append((theirs, make_optimizer(theirs, lr=1e-3), []))
     for round_ in range(rounds):
         for i, batch in enumerate(data):
             for model, optimizer, times in entries if (i + round_) % 2 == 0 else entries[::-1]:

@@ -437,6 +437,8 @@ class CollatedSplit:
 
     def batch(self, molecules: Sequence[int] | torch.Tensor) -> Batch:
         """The PyG batch of these molecules (positions in the split), in this order."""
+        from torch_geometric.data import Batch
+
         index = torch.as_tensor(molecules, dtype=torch.int64)
         num_graphs = len(index)
         graph = torch.arange(num_graphs)
@@ -450,8 +452,6 @@ class CollatedSplit:
         edges = _concatenated_ranges(self.edge_start[index], edges_per_graph)
         # Local atom numbers plus the graph's first atom in the batch, as PyG's collate increments them.
         edge_index = self.local_edges[:, edges] + ptr[edge_graph]
-        from torch_geometric.data import Batch
-
         batch = Batch(
             z=self.z[atoms],
             pos=self.pos[atoms],

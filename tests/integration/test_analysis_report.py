@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from analysis.load import load_study
 from analysis.scoring.scores import ALL_SCORES, DETERMINED_BY_ERROR
 from study.training.embeddings import load_embeddings
+from tests.helpers.imports import modules_of_package_imported_by
 from tests.helpers.mlflow_trials import console_script, one_torch_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_test")  # tiny models: one thread, reproducible under load
@@ -479,20 +480,12 @@ def test_optuna_dashboard_opens_the_quick_studys_storage(quick_sweep_analysis):
 def test_analysis_never_imports_ray():
     # Data flows one way and only study/sweep/ knows Ray; an analysis machine needs no Ray.
     import pkgutil
-    import sys
 
     import analysis
 
     modules = [module.name for module in pkgutil.walk_packages(analysis.__path__, "analysis.")]
     assert "analysis.pipeline" in modules and "analysis.scoring.knockout" in modules
-    code = (
-        "import sys\n"
-        + "".join(f"import {m}\n" for m in modules)
-        + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+    assert modules_of_package_imported_by(modules, "ray") == []
 
 
 def test_the_per_trial_descriptor_table_keeps_trials_that_share_a_label():
