@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,26 @@ def sweep_report(sweep: subprocess.Popen, cwd: Path, expect: int = 0, timeout: f
             os.killpg(sweep.pid, 9)
     assert sweep.returncode == expect, (Path(cwd) / "sweep.log").read_text()[-3000:]
     return json.loads(stdout)
+
+
+def kill_sweep_and_wait(sweep: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL a sweep started by `start_sweep` and everything it started (its process group and
+    any descendant that left it), and return only once every one of them is gone, so that nothing
+    of it writes to the store after this returns."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(sweep.pid), *psutil.Process(sweep.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # the sweep already ended (and was reaped by poll())
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sweep.pid, signal.SIGKILL)
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    sweep.wait(timeout=timeout)
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    assert not alive, f"still alive {timeout} s after SIGKILL: {alive}"
 
 
 def epochs_logged(client, run) -> list[int]:
