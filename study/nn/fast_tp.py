@@ -40,6 +40,12 @@ faster from [0,1,2] x 8 to [0..6] x 16). On the GPU cuBLAS takes the view as it 
 only costs: on an H100, steps of [0,1,2] x 8, [0,1,2,3] x 8 and [0,1,2] x 32 were 7% faster
 without it ([0..6] x 16 2% slower, within the noise), so it is applied to CPU tensors only.
 
+Variants: ``x1`` may carry a dimension of V variants of the input on the same edges (``[E, V, in1]``,
+the knockouts of analysis/scoring/knockout.py). B and W depend on the edges only, so they are
+formed once; the variants become rows of T (``[E, V * k, P * u]``), so step 4 reads each edge's W
+once for all of them; and scalar outputs and factored inputs form W too (their GEMM's FLOPs would
+grow V-fold). With one variant every step is the one above (training's path).
+
 The parameters stay where they are (the block keeps e3nn's ``FullyConnectedNet``), and this module
 registers exactly the buffers e3nn's tensor product has (``weight``, ``output_mask`` and the
 ``_compiled_main_left_right._w3j_*`` constants), so state dicts load into either backend. Like e3nn,
@@ -104,6 +110,40 @@ def _sum_over_hidden(hidden: Tensor, z: Tensor) -> Tensor:
     gradient as large as z: 5% of a [0..6] x 16 step and 10% of a [0,1,2] x 32 step faster.
     """
     return torch.bmm(hidden.unsqueeze(1), z).squeeze(1)
+
+
+def _times_edge_weights(x: Tensor, hidden: Tensor, m: Tensor) -> Tensor:
+    """``[E, V, n]`` = x[e, v, :] @ W[e] for x ``[E, V, c]``, with the per-edge weights
+    ``W[e] = hidden[e] @ m`` (``m`` ``[H, c, n]``, W ``[c, n]``).
+
+    With one variant, W is never formed: ``sum_h hidden[e, h] (x @ M')[e, h, :]`` with M'
+    ``[c, H * n]`` is one large GEMM of W's FLOPs (a scalar output or a factored input; per-edge
+    weights would cost as many FLOPs, in small bmms). With V variants that GEMM's FLOPs grow
+    V-fold, W's do not: W is formed once and each edge's is read for all variants.
+    """
+    num_edges, num_variants, columns = x.shape
+    num_hidden, _, n = m.shape
+    if num_variants == 1:
+        z = x.reshape(num_edges, columns) @ m.transpose(0, 1).reshape(columns, num_hidden * n)
+        return _sum_over_hidden(hidden, z.view(num_edges, num_hidden, n)).unsqueeze(1)
+    w = (hidden @ m.reshape(num_hidden, columns * n)).view(num_edges, columns, n)
+    return torch.bmm(x, w)
+
+
+def _transposed(x1_block: Tensor, mul_in: int, dim_in: int) -> Tensor:
+    """An input block ``[E, V, u * d1]`` as ``x1^T`` ``[E, d1, V * u]``. A view with one variant."""
+    num_edges, num_variants, _ = x1_block.shape
+    x1_block = x1_block.view(num_edges, num_variants, mul_in, dim_in).permute(0, 3, 1, 2)
+    return x1_block.reshape(num_edges, dim_in, num_variants * mul_in)
+
+
+def _rows_per_variant(part: Tensor, dim_out: int, num_variants: int) -> Tensor:
+    """A coupled piece ``[E, k * P, V * u]`` (rows (k, path), columns (variant, u)) as
+    ``[E, V * k, P * u]``: rows (variant, k), columns (path, u). A view with one variant."""
+    num_edges, rows, columns = part.shape
+    num_paths, mul_in = rows // dim_out, columns // num_variants
+    part = part.view(num_edges, dim_out, num_paths, num_variants, mul_in).permute(0, 3, 1, 2, 4)
+    return part.reshape(num_edges, num_variants * dim_out, num_paths * mul_in)
 
 
 class FusedRadialTensorProduct(nn.Module):
@@ -171,15 +211,26 @@ class FusedRadialTensorProduct(nn.Module):
         """``[E, irreps_out.dim]`` = TP(x1 ``[E, in1]``, x2 ``[E, in2]``, weights ``scale * hidden @ linear``).
 
         ``hidden`` is ``[E, H]``, ``linear`` is ``[H, weight_numel]`` in e3nn's weight layout.
+
+        ``x1`` may also be ``[E, V, in1]``: V variants of the input on the same edges (the
+        knockouts of analysis/scoring/knockout.py), giving ``[E, V, irreps_out.dim]``. Everything
+        that depends on the edges only (the couplings B and the per-edge weights W, a third of a
+        block's time at [0,1,2,3] x 16) is then formed once for all variants, and the bmms read
+        each edge's W for all of them. Each variant's output equals the one of its own call up to
+        rounding (the products have other shapes, so other summation orders).
         """
-        num_edges, num_hidden = hidden.shape
+        variants = x1.dim() == 3
+        if not variants:
+            x1 = x1.unsqueeze(1)
+        num_edges, num_variants, _ = x1.shape
+        num_hidden = hidden.shape[1]
         # torch.split, never slicing, on tensors that need gradients: the backward of a slice
         # allocates and zero-fills a tensor of the whole input's size, per slice.
-        x1_blocks = torch.split(x1, [m * d for m, d in self._in1_shapes], dim=1)
+        x1_blocks = torch.split(x1, [m * d for m, d in self._in1_shapes], dim=2)
         x2 = x2.index_select(1, self._x2_order)
         hidden = hidden * scale
 
-        # e3nn's layout of an output block is multiplicity-major: [E, w, k]; summed over its paths.
+        # e3nn's layout of an output block is multiplicity-major: [E, V, w, k]; summed over its paths.
         produced: dict[int, Tensor] = {}
 
         def add(i_out: int, block: Tensor) -> None:
@@ -188,18 +239,16 @@ class FusedRadialTensorProduct(nn.Module):
         # Every group's columns of linear at once (one gather, one scatter in backward), in plan order.
         blocks = torch.split(linear.index_select(1, self._columns), self._column_sizes, dim=1)
         for i1, block, terms in self._factor_plan:
-            # s [E, all paths' w] = sum_h hidden[e, h] * (x1 @ M')[e, h, :]: one GEMM for all paths.
-            m = blocks[block].view(num_hidden, x1_blocks[i1].shape[1], -1)
-            z = x1_blocks[i1] @ m.transpose(0, 1).reshape(m.shape[1], -1)
-            s = _sum_over_hidden(hidden, z.view(num_edges, num_hidden, m.shape[2]))
-            for (i_out, (first, last), constant, _mul_out), s_path in zip(terms, torch.split(s, [t[3] for t in terms], dim=1)):
-                add(i_out, (s_path * constant).unsqueeze(2) * x2[:, first:last].unsqueeze(1))
+            # s [E, V, all paths' w] = x1 @ W over all its paths at once (one GEMM with one variant).
+            s = _times_edge_weights(x1_blocks[i1], hidden, blocks[block].view(num_hidden, x1_blocks[i1].shape[2], -1))
+            for (i_out, (first, last), constant, _mul_out), s_path in zip(terms, torch.split(s, [t[3] for t in terms], dim=2)):
+                add(i_out, (s_path * constant).unsqueeze(3) * x2[:, first:last].view(num_edges, 1, 1, last - first))
 
-        # 1. T per coupling, split per output: [E, k * P, u] pieces, rows (k, path).
+        # 1. T per coupling, split per output: [E, k * P, V * u] pieces, rows (k, path).
         coupled, stacked = [], {}
         for inputs, (first, last), g_name, outputs in self._couple_plan:
-            if inputs not in stacked:  # x1^T [E, sum d1, u] of the inputs, stacked along d
-                parts = [x1_blocks[i1].view(num_edges, *self._in1_shapes[i1]).transpose(1, 2) for i1 in inputs]
+            if inputs not in stacked:  # x1^T [E, sum d1, V * u] of the inputs, stacked along d
+                parts = [_transposed(x1_blocks[i1], *self._in1_shapes[i1]) for i1 in inputs]
                 stacked[inputs] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             x1_t = stacked[inputs]
             dim1 = x1_t.shape[1]
@@ -211,20 +260,15 @@ class FusedRadialTensorProduct(nn.Module):
 
         for i_out, groups in self._plan:
             mul_out, dim_out = self._out_shapes[i_out]
-            out_t = None  # out^T [E, k, w], summed over the groups
+            out_t = None  # out^T [E, V * k, w], summed over the groups
             for block, pieces in groups:
-                # T [E, k, P * u] of the group's paths, columns (input, path, u).
-                # (Explicit sizes, never -1: a batch may have no edges.)
-                parts = [coupled[c][piece] for c, piece in pieces]
-                parts = [part.reshape(num_edges, dim_out, part.shape[1] * part.shape[2] // dim_out) for part in parts]
+                # T [E, V * k, P * u] of the group's paths, columns (input, path, u).
+                parts = [_rows_per_variant(coupled[c][piece], dim_out, num_variants) for c, piece in pieces]
                 t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
                 # 2. The group's columns of the radial MLP's last layer, [H, P * u, w].
                 m = blocks[block].view(num_hidden, t.shape[2], mul_out)
-                if dim_out == 1:
-                    # A scalar output: out = sum_h hidden[e, h] (T @ M')[e, h, :] with M' [P * u, H * w],
-                    # one large GEMM; per-edge weights would cost as many FLOPs, in small bmms.
-                    z = t.reshape(num_edges, t.shape[2]) @ m.transpose(0, 1).reshape(t.shape[2], -1)
-                    add(i_out, _sum_over_hidden(hidden, z.view(num_edges, num_hidden, mul_out)).unsqueeze(2))
+                if dim_out == 1:  # a scalar output: out [E, V, w] = T @ W (module doc)
+                    add(i_out, _times_edge_weights(t, hidden, m).unsqueeze(3))
                     continue
                 # W [E, P * u, w], the group's per-edge weights: out^T += T @ W.
                 w = (hidden @ m.view(num_hidden, -1)).view(num_edges, t.shape[2], mul_out)
@@ -232,10 +276,13 @@ class FusedRadialTensorProduct(nn.Module):
             if out_t is not None:
                 if out_t.device.type == "cpu":  # on an H100 the copy cost 7% of a step (module doc)
                     out_t = _ContiguousGradient.apply(out_t)
-                add(i_out, out_t.transpose(1, 2))
-        # Outputs without any path are zero, as in e3nn.
+                add(i_out, out_t.view(num_edges, num_variants, dim_out, mul_out).transpose(2, 3))
+        # Outputs without any path are zero, as in e3nn. (Explicit sizes, never -1: a batch may have no edges.)
         full = [
-            produced[i_out].reshape(num_edges, mul * dim) if i_out in produced else x1.new_zeros(num_edges, mul * dim)
+            produced[i_out].reshape(num_edges, num_variants, mul * dim)
+            if i_out in produced
+            else x1.new_zeros(num_edges, num_variants, mul * dim)
             for i_out, (mul, dim) in enumerate(self._out_shapes)
         ]
-        return torch.cat(full, dim=1) if len(full) > 1 else full[0]
+        out = torch.cat(full, dim=2) if len(full) > 1 else full[0]
+        return out if variants else out.squeeze(1)

@@ -107,7 +107,10 @@ class InteractionBlock(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, edge_index: Tensor, geometry: EdgeGeometry | None = None) -> Tensor:
         """Messages summed per destination atom over ``degree_norm``; ``geometry`` of these edges is
-        computed here when not given (the model passes one shared by all its blocks)."""
+        computed here when not given (the model passes one shared by all its blocks).
+
+        ``x`` is ``[N, in]``, or ``[N, V, in]`` for V variants of the features on the same graph
+        (analysis/scoring/knockout.py), which the fast backend evaluates at once."""
         if geometry is None:
             geometry = edge_geometry(pos, edge_index, self.l_values, self.edge_dim, self.cutoff)
         src, dst = edge_index[0], edge_index[1]
@@ -117,7 +120,10 @@ class InteractionBlock(nn.Module):
         # at [0,1,2] x 8 on 2 cores).
         x_src = x.index_select(0, src)
         if self.backend == "e3nn":
-            messages = self.tp(x_src, sh, self.radial(radial))
+            weights = self.radial(radial)
+            if x.dim() == 3:  # e3nn broadcasts leading dimensions: the edges' own over the variants
+                sh, weights = sh.unsqueeze(1), weights.unsqueeze(1)
+            messages = self.tp(x_src, sh, weights)
         else:
             # The fast tensor product takes the MLP's last linear layer itself, so that it can form
             # the per-edge weights one (input, output) pair at a time; the scale is e3nn's for that
@@ -126,7 +132,7 @@ class InteractionBlock(nn.Module):
             scale = 1.0 / (last.h_in * last.var_in / last.var_out) ** 0.5
             messages = self.tp(x_src, sh, self.radial.layer0(radial), last.weight, scale)
         # index_add over all nodes: atoms with no incoming edge (isolated atoms) get exact zeros.
-        out = torch.zeros(x.shape[0], self.out_dim, dtype=messages.dtype, device=messages.device)
+        out = torch.zeros(x.shape[0], *messages.shape[1:], dtype=messages.dtype, device=messages.device)
         out = out.index_add(0, dst, messages)
         return out / self.degree_norm
 

@@ -18,7 +18,7 @@ from study.config.trial import TrialConfig
 from study.data.qm9 import QM9Dataset, split_indices
 from study.nn import fast_tp, fast_tp_plan
 from study.nn.fast_tp import FusedRadialTensorProduct, fully_connected_paths
-from study.nn.model import IrrepConvModel, build_model, default_dtype
+from study.nn.model import IrrepConvModel, build_model, default_dtype, to_device
 
 # (l values, hidden_dim): the orders of the paper's configurations (docs/science.md), small widths for speed.
 CASES = [
@@ -77,6 +77,9 @@ def forward_and_gradients(model: IrrepConvModel, batch, dtype: torch.dtype) -> d
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     got, expected = got.detach(), expected.detach()
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    if expected.numel() == 0:  # nothing to differ (a batch without edges)
+        return 0.0
     scale = expected.abs().max()
     if scale == 0:
         return float(got.abs().max())
@@ -164,6 +167,49 @@ def test_every_tensor_product_strategy_matches_e3nn(monkeypatch, strategy, irrep
     grads_got = torch.autograd.grad(got, (x1, x2, h, linear), cotangent)
     for name, g, e in zip(("x1", "x2", "hidden", "linear"), grads_got, grads_expected):
         assert relative_error(g, e) < 1e-12, name
+
+
+@pytest.mark.parametrize(("strategy", "irreps_in1"), STRATEGIES)
+@pytest.mark.parametrize("num_edges", [7, 0])
+def test_variants_of_the_input_give_each_variant_s_own_tensor_product(monkeypatch, strategy, irreps_in1, num_edges):
+    # x1 [E, V, in1] (the knockouts' variants of the node features on the same edges) must give,
+    # per variant, e3nn's tensor product of that variant, in every strategy; also on no edges.
+    for name, value in strategy.items():
+        monkeypatch.setattr(fast_tp, name, value)
+    irreps_in1, irreps_in2 = o3.Irreps(irreps_in1), o3.Irreps("0e+1o+2e+3o")
+    irreps_out = o3.Irreps("2x0e+3x1o+2x1e+1x2e+2x3e+1x5e")
+    with default_dtype(torch.float64):
+        reference = o3.FullyConnectedTensorProduct(irreps_in1, irreps_in2, irreps_out, shared_weights=False)
+        fast = FusedRadialTensorProduct(irreps_in1, irreps_in2, irreps_out)
+    generator = torch.Generator().manual_seed(1)
+    variants, hidden = 3, 5
+    x1 = torch.randn(num_edges, variants, irreps_in1.dim, generator=generator, dtype=torch.float64)
+    x2 = torch.randn(num_edges, irreps_in2.dim, generator=generator, dtype=torch.float64)
+    h = torch.randn(num_edges, hidden, generator=generator, dtype=torch.float64)
+    linear = torch.randn(hidden, fast.weight_numel, generator=generator, dtype=torch.float64)
+    got = fast(x1, x2, h, linear, 0.3)
+    assert got.shape == (num_edges, variants, irreps_out.dim)
+    for variant in range(variants):
+        expected = reference(x1[:, variant], x2, 0.3 * h @ linear)
+        assert relative_error(got[:, variant], expected) < 1e-12, variant
+        # The variants' own calls agree with the batched one (the training path, one variant).
+        assert relative_error(fast(x1[:, variant], x2, h, linear, 0.3), got[:, variant]) < 1e-12, variant
+
+
+@pytest.mark.parametrize("backend", ["fast", "e3nn"])
+def test_an_interaction_block_evaluates_variants_of_its_node_features_each_as_alone(qm9_batches, backend):
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        model = IrrepConvModel((0, 1, 2), 16, num_layers=1, backend=backend)  # 16x0e: the factored input
+    batch = to_device(qm9_batches["bonds"].clone(), torch.device("cpu"), torch.float64)
+    with torch.no_grad():
+        x0, graph = model.input_features(batch)
+        variants = torch.stack([x0, 2.0 * x0, -x0.flip(1)], dim=1)  # [N, 3, F], three different inputs
+        block = model.blocks[0]
+        got = block(variants, graph.pos, graph.edge_index, graph.geometry)
+        for variant in range(variants.shape[1]):
+            alone = block(variants[:, variant], graph.pos, graph.edge_index, graph.geometry)
+            assert relative_error(got[:, variant], alone) < 1e-12, variant
 
 
 def test_output_blocks_hand_their_batched_matmuls_a_contiguous_gradient(monkeypatch):
