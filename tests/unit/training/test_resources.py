@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -45,6 +46,9 @@ def test_memory_estimate_is_near_the_measured_peak_of_a_training_step(qm9):
     training_step(model, optimizer, batches[0], column)  # optimizer state exists from here on
     memory = PeakMemory(torch.device("cpu"))
     if not memory.available:
+        # CI's machines are Linux with /proc: there a missing measurement is a defect, not a skip.
+        if os.environ.get("CI") == "true":
+            pytest.fail("peak memory cannot be measured (/proc/self/clear_refs or libc missing)")
         pytest.skip("peak memory is measured from Linux's /proc")
     memory.start()
     training_step(model, optimizer, batches[1], column)

@@ -195,13 +195,14 @@ def test_every_score_is_unchanged_when_molecules_are_rotated(qm9, tmp_path):
         for score, value in values.items():
             assert scores_rot.values[block][score] == pytest.approx(value, rel=1e-6, abs=1e-9), (block, score)
 
-    # Knockouts too: the model's output is invariant, with or without a block zeroed.
+    # Knockouts too: the model's output is invariant, with or without a block zeroed. In float64
+    # the deltas (meV, of order 1e3) differ by rounding only (measured between 1e-13 and 1e-11 meV).
     reference = TargetReference.mean(REFERENCE_U0_ATOM_MEAN, REFERENCE_U0_ATOM_STD)
     knocked = knockout_scores(model, upright, target, reference, dtype=torch.float64)
     knocked_rot = knockout_scores(model, turned, target, reference, dtype=torch.float64)
     for block, deltas in knocked.deltas.items():
         for score, value in deltas.items():
-            assert knocked_rot.deltas[block][score] == pytest.approx(value, abs=1e-6), (block, score)
+            assert knocked_rot.deltas[block][score] == pytest.approx(value, rel=0, abs=1e-9), (block, score)
 
 
 # ---------------------------------------------------------------------------- descriptors
