@@ -70,7 +70,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     # Not test_intervals_cover_the_planted_effects_in_about_95_percent_of_studies (a simulation of many
-    # studies: 8.8 s measured, on every mutant); it runs in the normal suite.
+    # studies: about 40 s since its 360 studies per method, on every mutant); it runs in the normal suite.
     "ablation": (
         "analysis/stats/ablation.py",
         [
@@ -113,6 +113,15 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                 )
             ),
             "tests/unit/analysis/stats/test_correlate_mutants.py",
+        ],
+    ),
+    # The resume logic around the journal: a sweep's folder claimed, reopened by --resume, its Optuna
+    # storage checked and its orphaned Optuna trials failed.
+    "folder": (
+        "study/sweep/folder.py",
+        [
+            "tests/unit/sweep/test_seed_groups.py::test_optuna_trials_a_killed_driver_asked_for_are_failed_with_the_reason_when_the_sweep_ends",
+            "tests/unit/sweep/test_folder_mutants.py",
         ],
     ),
     # Not test_config.py's two CLI tests nor test_config_properties.py's: they run `irrep-study` in

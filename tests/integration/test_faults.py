@@ -61,12 +61,16 @@ def trial_workers(sweep: subprocess.Popen) -> list[psutil.Process]:
 
 
 def test_killed_trial_worker_resumes_from_its_checkpoint_with_each_epoch_logged_once(qm9, qm9_cache_dir, tmp_path):
-    space = grid_space(tmp_path, "worker-kill", [[0, 1]], epochs=5, subset=2000, max_failures=2)
+    # Killed after 2 of 10 epochs: 8 epochs (several seconds) stand between the check and the
+    # trial's end, so the kill lands mid-training even on a loaded machine (checked below).
+    EPOCHS = 10
+    space = grid_space(tmp_path, "worker-kill", [[0, 1]], epochs=EPOCHS, subset=2000, max_failures=2)
     sweep = start_sweep(space, tmp_path, qm9_cache_dir)
     try:
         wait_for_epochs(sweep, tmp_path, lambda: trial_runs(tmp_path, "worker-kill"), epochs=2)
         workers = trial_workers(sweep)
         assert workers, "no trial worker process found"
+        killed = {worker.pid for worker in workers}
         for worker in workers:
             worker.send_signal(signal.SIGKILL)
         stdout, _ = sweep.communicate(timeout=600)
@@ -79,15 +83,20 @@ def test_killed_trial_worker_resumes_from_its_checkpoint_with_each_epoch_logged_
     # Continued from its checkpoint, not restarted: Ray's result.json keeps the reports of both
     # attempts, and a restart from scratch would report epoch 1 (and 2) again.
     [trial_dir] = Path(report["path"]).glob("run_sweep_trial_*")
-    reported = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
-    assert reported == [1, 2, 3, 4, 5], reported
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    reported = [row["epoch"] for row in rows]
+    assert reported == list(range(1, EPOCHS + 1)), reported
+    # And there was a retry to continue: the first epochs came from a worker that was killed,
+    # the last from a new one (Ray puts the reporting process's pid in every result).
+    pids = [row["pid"] for row in rows]
+    assert pids[0] in killed and pids[-1] not in killed, (pids, killed)
 
     client, runs = trial_runs(tmp_path, "worker-kill")
     assert len(runs) == 1  # the retry kept the trial's MLflow run
     run = runs[0]
     assert run.data.tags[STATUS_TAG] == "completed" and run.info.status == "FINISHED"
-    assert epochs_logged(client, run) == [1, 2, 3, 4, 5]  # each epoch exactly once
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 5
+    assert epochs_logged(client, run) == list(range(1, EPOCHS + 1))  # each epoch exactly once
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == EPOCHS
     assert "test_mae_meV" in run.data.metrics
 
 
