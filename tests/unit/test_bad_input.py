@@ -293,13 +293,22 @@ def snapshot(folder: Path) -> dict[str, str]:
 IN_A_SUBPROCESS = {"more GPUs than the cluster", "unreachable Ray address", "malformed Ray address", "resume with nothing to resume"}
 
 
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` by size and modification time: the QM9 cache's hundreds of MB are
+    not hashed for each case, but a file written, replaced or touched shows."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
 @pytest.mark.parametrize("name, build, words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_with_exit_2_and_changes_nothing(request, tmp_path, name, build, words):
+def test_bad_input_is_one_clear_line_with_exit_2_and_changes_nothing(request, monkeypatch, tmp_path, qm9_cache_dir, name, build, words):
+    # The default tracking store is ./mlflow.db in the working folder (checked below), not a
+    # store named by the developer's environment.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_cli = request.getfixturevalue("run_cli" if name in IN_A_SUBPROCESS else "run_cli_in_process")
     (tmp_path / "a-file").write_text("a file where a folder is expected")
     (tmp_path / "earlier-results.txt").write_text("results of an earlier run")
     args = build(tmp_path)
-    before = snapshot(tmp_path)
+    before, cache_before = snapshot(tmp_path), listing(qm9_cache_dir)
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -310,6 +319,7 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_changes_nothing(request, tm
     # Refused before any work: nothing written before changed, and nothing new was written (no
     # tracking store, no sweep or run folder, no output file).
     assert snapshot(tmp_path) == before
+    assert listing(qm9_cache_dir) == cache_before  # nor the QM9 cache the commands read
     assert result.stdout == ""
 
 
