@@ -164,10 +164,14 @@ def knockout_predictions(
     batches = list(split.batches(EVAL_BATCH_SIZE))
 
     read = _read_by_readout(model)
-    through_blocks = [unit for unit in units if not read <= set(unit.members)]
     # What each variant of the node features has zeroed: the first nothing (the unmodified model),
-    # then the slices of each unit that needs the blocks.
-    variants: list[Sequence[IrrepBlock]] = [(), *(unit.members for unit in through_blocks)]
+    # then the slices of each unit that needs the blocks, once per set of slices (lgt0 of a model
+    # with one l >= 1 zeroes what that l's unit zeroes).
+    variant_of: dict[tuple[IrrepBlock, ...], int] = {(): 0}
+    for unit in units:
+        if not read <= set(unit.members):
+            variant_of.setdefault(unit.members, len(variant_of))
+    variants: list[Sequence[IrrepBlock]] = list(variant_of)
     per_pass = max(1, FEATURES_PER_PASS // model.layout.dim)
     for index, batch in enumerate(batches):
         if on_step is not None:
@@ -185,9 +189,8 @@ def knockout_predictions(
         for unit in units:
             readout_only = reference.absolute(model.predict(_slices_zeroed(last[:, 0], unit.members), graph), batch)
             knocked[(unit.name, "last")].append(readout_only)
-            if unit in through_blocks:
-                variant = 1 + through_blocks.index(unit)
-                knocked[(unit.name, "all")].append(reference.absolute(model.predict(last[:, variant], graph), batch))
+            if unit.members in variant_of:
+                knocked[(unit.name, "all")].append(reference.absolute(model.predict(last[:, variant_of[unit.members]], graph), batch))
             else:
                 knocked[(unit.name, "all")].append(readout_only)
     joined = {key: torch.cat(parts).cpu().numpy() for key, parts in knocked.items()}

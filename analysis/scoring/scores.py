@@ -318,6 +318,10 @@ def score_embedding(
     sample = structure_sample(len(residual), settings)
     values: dict[str, dict[str, float]] = {}
     projections: dict[str, np.ndarray] = {}
+    # Units with the same blocks (lgt0 of a model with one l >= 1 is that l's block; joint of an
+    # l = 0 model is l0) have the same features, so the same structure scores and UMAP (seeded,
+    # one thread): computed once per set of blocks.
+    structures: dict[tuple, tuple[dict[str, float], np.ndarray | None]] = {}
     for unit in units:
         if on_block is not None:
             on_block(unit.name)
@@ -326,7 +330,9 @@ def score_embedding(
             "variance_share": _magnitude_variance(embedding, unit) / total_variance if total_variance > 0 else float("nan"),
             **local_utilization(embedding, unit, reference_rms, settings.dead_tolerance),
         }
-        structure, projection = structure_scores(embedding[sample], unit, residual[sample], nsps[sample], settings)
+        if unit.members not in structures:
+            structures[unit.members] = structure_scores(embedding[sample], unit, residual[sample], nsps[sample], settings)
+        structure, projection = structures[unit.members]
         scores.update(structure)
         if projection is not None:
             projections[unit.name] = projection

@@ -90,6 +90,26 @@ def test_each_score_reads_only_its_own_block():
     assert sum(scores[name]["variance_share"] for name in ("l0", "l1", "l2")) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("irreps", "same"), [("8x0e+8x1o", ("l1", "lgt0")), ("8x0e", ("l0", "joint"))])
+def test_units_of_the_same_blocks_are_scored_once_with_the_scores_of_scoring_each(monkeypatch, irreps, same):
+    from analysis.scoring import scores as scores_module
+
+    rng = np.random.default_rng(4)
+    layout = IrrepsLayout.from_irreps(irreps)
+    x = rng.normal(size=(60, layout.dim))
+    target, nsps = rng.normal(size=60), rng.uniform(size=60)
+    settings = ScoreSettings(seed=0)  # UMAP too
+    calls = []
+    real = scores_module.structure_scores
+    monkeypatch.setattr(scores_module, "structure_scores", lambda *args: calls.append(args[1].name) or real(*args))
+    result = score_embedding(x, layout, target, nsps, settings)
+    assert len(calls) == len(analysis_blocks(layout)) - 1 and same[1] not in calls
+    # What the unit scored alone would have: its own structure scores and projection, exactly.
+    alone, projection = real(x, {u.name: u for u in analysis_blocks(layout)}[same[1]], target, nsps, settings)
+    assert {k: result.values[same[1]][k] for k in alone} == pytest.approx(alone, abs=0, nan_ok=True)
+    assert np.array_equal(result.umap[same[1]], projection) and np.array_equal(result.umap[same[0]], projection)
+
+
 # ---------------------------------------------------------------------------- planted truth
 
 

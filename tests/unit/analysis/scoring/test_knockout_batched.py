@@ -61,3 +61,34 @@ def test_one_loop_gives_every_hooked_pass(qm9, monkeypatch, dtype, variants_per_
     # than the rounding allowed above), in the readout's input it cannot.
     assert np.abs(knocked[("l1", "all")] - baseline).max() > 1000 * tolerance
     assert np.array_equal(knocked[("l1", "last")], baseline)
+
+
+def test_units_of_the_same_blocks_share_one_variant_and_match_their_hooked_passes(qm9, monkeypatch):
+    # [0,1]: lgt0 is the l1 block, so the blocks carry two variants (the unmodified model and l1),
+    # not three, and lgt0's knockouts are l1's, each its own hooked pass.
+    config = TrialConfig(l_values=[0, 1], hidden_dim=8, num_layers=1, dtype="float64")
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3.0)
+    split = CollatedSplit(QM9Dataset(qm9, np.arange(100), edges=config.edges, cutoff=config.cutoff))
+    reference = TargetReference.mean(-76.0, 10.0)
+    units = analysis_blocks(model.layout)
+    assert [unit.name for unit in units] == ["l0", "l1", "lgt0", "joint"]
+    passed = []
+    real = knockout._zeroed_per_variant
+    monkeypatch.setattr(
+        knockout, "_zeroed_per_variant", lambda features, knocked_out: passed.append(len(knocked_out)) or real(features, knocked_out)
+    )
+
+    _, knocked = knockout_predictions(model, split, reference, torch.float64, units)
+
+    assert set(passed) == {2}  # every zeroing in the one pass saw two variants
+    unmodified = predictions(model, split, reference, torch.float64)
+    tolerance = RELATIVE_ROUNDING["float64"] * np.abs(unmodified).max()
+    for where in WHERE:
+        assert np.array_equal(knocked[("lgt0", where)], knocked[("l1", where)])
+        with zeroed(model, units[2].members, where):
+            hooked = predictions(model, split, reference, torch.float64)
+        np.testing.assert_allclose(knocked[("lgt0", where)], hooked, rtol=0, atol=tolerance, err_msg=where)
