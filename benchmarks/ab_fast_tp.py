@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import time
@@ -30,21 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from other_version import load_other_version  # noqa: E402 (beside this script)
+
 from study.bench.steps import bench_batches, bench_models, parse_case, timed_step  # noqa: E402
 from study.data.qm9 import QM9Tensors, load_qm9, target_index  # noqa: E402
 from study.nn.model import CompiledOrEager, make_optimizer  # noqa: E402
 
 CASES = (("0,1,2x8", 2), ("0,1,2,3x8", 2), ("0,1,2x32", 3), ("0-6x16", 3), ("0,3-6x16", 3))
-
-
-def load_module(path: Path):
-    spec = importlib.util.spec_from_file_location("fast_tp_other", path) if path.is_file() else None
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"error: {path} is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fast_tp_other"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def compare(
@@ -101,7 +92,7 @@ def main() -> None:
         if args.threads < 1:
             raise SystemExit(f"error: --threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
-    other = None if args.compiled else load_module(args.other)
+    other = None if args.compiled else load_other_version(args.other, "fast_tp_other")
     name = "compiled" if args.compiled else args.other.name
     tensors = QM9Tensors(**torch.load(args.tensors, weights_only=True)) if args.tensors else load_qm9()
     for spec in args.configs:

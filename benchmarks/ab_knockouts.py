@@ -1,20 +1,19 @@
 """A/B of a trial's knockouts against another version of ``analysis/scoring/knockout.py``, in one process.
 
     git show 4e86d8f:analysis/scoring/knockout.py > /tmp/knockout_before.py
-    python benchmarks/ab_knockouts.py /tmp/knockout_before.py --configs 0,1,2 0,1,2,3 0-6
+    python benchmarks/ab_knockouts.py /tmp/knockout_before.py --configs 0,1,2x16 0,1,2,3x16 0-6x16
 
-Per configuration: a 3-layer, hidden-16 float32 model (the ablation's shape; untrained weights,
-which cost what trained ones do), its knockouts on ``--molecules`` QM9 molecules by each version,
-alternating, one thread (as `analyze` scores a trial). Prints the best of ``--rounds`` seconds of
-each, their ratio, and the largest difference of their predictions relative to the largest
-prediction. The other version runs on this version's model (study/nn), so it measures what the
-knockout loop itself changed.
+Per configuration (``irrep-study bench``'s spelling: ``L_VALUESxHIDDEN[:edges]``): a 3-layer
+float32 model (the ablation's shape at hidden 16; untrained weights, which cost what trained ones
+do), its knockouts on ``--molecules`` QM9 molecules by each version, alternating, one thread
+(as `analyze` scores a trial). Prints the best of ``--rounds`` seconds of each, their ratio, and
+the largest difference of their predictions relative to the largest prediction. The other version
+runs on this version's model (study/nn), so it measures what the knockout loop itself changed.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -24,44 +23,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from other_version import load_other_version  # noqa: E402 (beside this script)
+
 from analysis.scoring import knockout  # noqa: E402
 from analysis.scoring.features import analysis_blocks  # noqa: E402
+from study.bench.steps import parse_case  # noqa: E402
 from study.config.trial import TrialConfig  # noqa: E402
 from study.data.qm9 import CollatedSplit, QM9Dataset, load_qm9  # noqa: E402
 from study.data.reference import TargetReference  # noqa: E402
 from study.nn.model import build_model  # noqa: E402
 
 
-def load_module(path: Path):
-    spec = importlib.util.spec_from_file_location("knockout_other", path) if path.is_file() else None
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"error: {path} is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_l_values(text: str) -> list[int]:
-    if "-" in text:
-        first, last = (int(part) for part in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(part) for part in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="another version of analysis/scoring/knockout.py")
-    parser.add_argument("--configs", nargs="+", default=["0,1,2", "0,1,2,3"], help="l values: 0,1,2 or 0-6")
+    parser.add_argument("--configs", nargs="+", default=["0,1,2x16", "0,1,2,3x16"], help="L_VALUESxHIDDEN: 0,1,2x16 or 0,3-6x16")
     parser.add_argument("--molecules", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    other = load_module(args.other)
+    other = load_other_version(args.other, "knockout_other")
     torch.set_num_threads(1)
     tensors = load_qm9(log=lambda _line: None)
     reference = TargetReference.mean(-76.0, 10.0)
     for spec in args.configs:
-        config = TrialConfig(l_values=parse_l_values(spec), hidden_dim=16, num_layers=3)
+        case = parse_case(spec)
+        config = TrialConfig(l_values=list(case.l_values), hidden_dim=case.hidden_dim, num_layers=case.num_layers, edges=case.edges)
         torch.manual_seed(0)
         model = build_model(config).eval()
         split = CollatedSplit(QM9Dataset(tensors, np.arange(1000, 1000 + args.molecules), edges=config.edges, cutoff=config.cutoff))
@@ -79,7 +65,7 @@ def main() -> None:
         difference = max([np.abs(base_this - base_other).max()] + [np.abs(knocked_this[k] - knocked_other[k]).max() for k in knocked_this])
         this, theirs = min(seconds["this"]), min(seconds["other"])
         print(
-            f"{spec} x 16: this version {this:.2f} s, {args.other.name} {theirs:.2f} s, time ratio other/this {theirs / this:.2f}; "
+            f"{case.name}: this version {this:.2f} s, {args.other.name} {theirs:.2f} s, time ratio other/this {theirs / this:.2f}; "
             f"max |difference| {difference / np.abs(base_other).max():.1e} of the largest prediction",
             flush=True,
         )

@@ -25,17 +25,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread_per_test")
 RELATIVE_ROUNDING = {"float32": 2e-6, "float64": 1e-13}
 
 
-@pytest.mark.parametrize("variants_per_pass", [1, 3, 100])  # alone; the 4 variants in 3 + 1; all at once
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_one_loop_gives_every_hooked_pass(qm9, monkeypatch, dtype, variants_per_pass):
-    monkeypatch.setattr(knockout, "FEATURES_PER_PASS", variants_per_pass * 144)  # [0,1,2] x 16: 144 features
-    config = TrialConfig(l_values=[0, 1, 2], hidden_dim=16, num_layers=1, dtype=dtype)  # 16x0e: the factored input
+def model_that_uses_every_block(config: TrialConfig):
     torch.manual_seed(0)
     model = build_model(config)
     # Untrained weights are small: scale them so every block moves the prediction.
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("variants_per_pass", [1, 3, 100])  # alone; the 4 variants in 3 + 1; all at once
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_loop_gives_every_hooked_pass(qm9, monkeypatch, dtype, variants_per_pass):
+    monkeypatch.setattr(knockout, "FEATURES_PER_PASS", variants_per_pass * 144)  # [0,1,2] x 16: 144 features
+    config = TrialConfig(l_values=[0, 1, 2], hidden_dim=16, num_layers=1, dtype=dtype)  # 16x0e: the factored input
+    model = model_that_uses_every_block(config)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     split = CollatedSplit(QM9Dataset(qm9, np.arange(200), edges=config.edges, cutoff=config.cutoff))  # 2 batches of 128
     reference = TargetReference.mean(-76.0, 10.0)
@@ -67,11 +72,7 @@ def test_units_of_the_same_blocks_share_one_variant_and_match_their_hooked_passe
     # [0,1]: lgt0 is the l1 block, so the blocks carry two variants (the unmodified model and l1),
     # not three, and lgt0's knockouts are l1's, each its own hooked pass.
     config = TrialConfig(l_values=[0, 1], hidden_dim=8, num_layers=1, dtype="float64")
-    torch.manual_seed(0)
-    model = build_model(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(3.0)
+    model = model_that_uses_every_block(config)
     split = CollatedSplit(QM9Dataset(qm9, np.arange(100), edges=config.edges, cutoff=config.cutoff))
     reference = TargetReference.mean(-76.0, 10.0)
     units = analysis_blocks(model.layout)
